@@ -1,0 +1,174 @@
+"""Generation with a preallocated KV cache (gpt-fast style): prefill once, then one token per step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from .model import DbrxLM
+
+__all__ = ["Step", "generate", "generate_text", "stream", "prepare_prompt", "sample_next"]
+
+
+@dataclass
+class Step:
+    """One generated token per row. index: 0 for the first new token; position: its column in the sequence.
+    tokens [B] long; logits [B, V] float32 (before temperature/filtering); finished [B] bool after this step."""
+
+    index: int
+    position: int
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    finished: torch.Tensor
+
+
+def prepare_prompt(model: "DbrxLM", prompt, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A tensor/list of ids, a string, a list of strings, or chat messages -> (ids [B, T], mask [B, T] | None)."""
+    if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and
+                                   (isinstance(prompt[0], (str, dict)))):
+        tok = model.tokenizer
+        if tok is None:
+            from .tokenizer import load_tokenizer
+            tok = load_tokenizer()
+        if isinstance(prompt, str):
+            ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
+        elif isinstance(prompt[0], dict):
+            ids = torch.tensor([tok.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)])
+        else:
+            batch = tok(list(prompt))
+            ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    elif isinstance(prompt, torch.Tensor):
+        ids = prompt
+    elif isinstance(prompt, (list, tuple)):
+        ids = torch.as_tensor(prompt, dtype=torch.long)
+    else:
+        raise ValueError(f"prompt must be token ids, a string, strings or chat messages, got {type(prompt).__name__}")
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.numel() == 0 or ids.shape[-1] == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    ids = model.validate_input_ids(ids)
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask)
+        if attention_mask.ndim == 1:
+            attention_mask = attention_mask[None]
+        if attention_mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(ids.shape)}")
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("attention_mask must use left padding (the last column real for every row)")
+    return ids, attention_mask
+
+
+def _check_sampling(model, max_new_tokens, do_sample, temperature, top_k, top_p, prompt_len):
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    limit = model.config.max_seq_len
+    if prompt_len + max_new_tokens > limit:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len="
+                         f"{limit}; shorten the prompt or ask for at most {max(limit - prompt_len, 0)} new tokens")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+
+
+def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> next tokens [B]: argmax, or a sample after temperature, top-k and top-p filtering."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p          # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def stream(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, attention_mask=None, do_sample: bool = False,
+           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+           eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+           stop: Callable[[], bool] | None = None) -> Iterator[Step]:
+    """Yield one Step per new token until every row hit an eos id, max_new_tokens, or `stop()` is true."""
+    ids, attention_mask = prepare_prompt(model, prompt, attention_mask)
+    B, T = ids.shape
+    _check_sampling(model, max_new_tokens, do_sample, temperature, top_k, top_p, T)
+    cfg = model.config
+    if eos_token_id is None:
+        eos_token_id = cfg.eos_token_id or []
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long)
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(int(seed))
+    elif do_sample:
+        generator = None
+    if max_new_tokens == 0:
+        return
+    device = model.device
+    ids = ids.to(device)
+    eos = eos.to(device)
+    mask = None if attention_mask is None else attention_mask.to(device).long()
+    cache = model.new_cache(B, T + max_new_tokens)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model(ids, mask, cache=cache, start=0, last_only=True).logits[:, -1].float()   # [B, V]
+    pos = T
+    for i in range(max_new_tokens):
+        tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+        tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
+        finished = finished | torch.isin(tokens, eos)
+        yield Step(i, pos, tokens, logits, finished.clone())
+        if bool(finished.all()) or i == max_new_tokens - 1 or (stop is not None and stop()):
+            return
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+        logits = model(tokens[:, None], mask, cache=cache, start=pos, last_only=True).logits[:, -1].float()
+        pos += 1
+
+
+def generate(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, streamer: Callable[[Step], Any] | None = None,
+             **kwargs) -> torch.Tensor:
+    """Prompt -> ids [B, T + n] (n <= max_new_tokens; finished rows padded with pad_token_id).
+
+    Greedy by default; `do_sample=True` with temperature/top_k/top_p, reproducible with `seed`.
+    `streamer(step)` is called with each Step as it is produced.
+    """
+    ids, _ = prepare_prompt(model, prompt, kwargs.get("attention_mask"))
+    new = []
+    for step in stream(model, prompt, max_new_tokens, **kwargs):
+        new.append(step.tokens)
+        if streamer is not None:
+            streamer(step)
+    if not new:
+        return ids
+    return torch.cat([ids.to(new[0].device), torch.stack(new, dim=1)], dim=1)
+
+
+def generate_text(model: "DbrxLM", prompt, max_new_tokens: int = 50, **kwargs) -> str | list[str]:
+    """Generated continuation(s) as text, without the prompt and the stop token."""
+    from .tokenizer import load_tokenizer
+
+    tok = model.tokenizer or load_tokenizer()
+    ids, _ = prepare_prompt(model, prompt, kwargs.get("attention_mask"))
+    out = generate(model, prompt, max_new_tokens, **kwargs)[:, ids.shape[1]:]
+    eos = set(kwargs.get("eos_token_id") or model.config.eos_token_id or [])
+    texts = []
+    for row in out.tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        texts.append(tok.decode(row[:cut]))
+    return texts[0] if len(texts) == 1 else texts

@@ -1,0 +1,488 @@
+"""DBRX as one readable nn.Module, with state-dict names identical to HF's DbrxForCausalLM.
+
+Shapes: B batch, T tokens in this call, S tokens in the cache (keys), d d_model, H query heads,
+K kv heads, D head_dim, E experts, k experts per token, F ffn_hidden_size, N = B*T tokens, V vocab.
+
+Every tensor worth seeing passes through a named HookPoint (see `DbrxLM.hook_names()`).
+Interventions (dbrx_lab.interventions) plug in through each module's `edits` list; see `RoutingEdit`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DbrxConfig
+from .hooks import ForwardContext, HookedMixin, HookPoint
+
+if TYPE_CHECKING:
+    from .interventions import Intervention
+    from .trace import Record, Trace
+
+__all__ = ["DbrxLM", "DbrxOutput", "KVCache"]
+
+
+# ------------------------------------------------------------------------------------------------
+# RoPE
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [B, T, D] for integer positions [B, T]; computed in float32, returned in `dtype`."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
+                                .float() / head_dim))                              # [D/2]
+    freqs = positions.float()[..., None] * inv_freq                                # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)                                        # [B, T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D] rotated with the rotate-half convention."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+# ------------------------------------------------------------------------------------------------
+class KVCache(nn.Module):
+    """Preallocated keys/values for one layer: k, v [B, K, S_max, D]; filled up to `length`."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    """GQA attention with clip_qkv and RoPE. Uses SDPA unless a hook asks for scores or pattern."""
+
+    def __init__(self, cfg: DbrxConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
+        self.Wqkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * cfg.kv_n_heads * cfg.head_dim, bias=False)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.hook_q = HookPoint()        # [B, H, T, D] after clip and RoPE
+        self.hook_k = HookPoint()        # [B, K, T, D] after clip and RoPE (this call's tokens only)
+        self.hook_v = HookPoint()        # [B, K, T, D]
+        self.hook_scores = HookPoint()   # [B, H, T, S] scaled scores with the mask applied (-inf)
+        self.hook_pattern = HookPoint()  # [B, H, T, S] softmax of the scores
+        self.hook_z = HookPoint()        # [B, T, H, D] per-head output before out_proj
+        self.edits: list = []            # interventions with `edit_z(z, layer, ctx)`
+
+    def wants_pattern(self) -> bool:
+        return bool(self.hook_scores.fns or self.hook_pattern.fns)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.kv_heads, self.head_dim
+        qkv = self.Wqkv(x)                                                         # [B, T, (H+2K)D]
+        if self.cfg.clip_qkv is not None:
+            qkv = qkv.clamp(min=-self.cfg.clip_qkv, max=self.cfg.clip_qkv)
+        q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)                                     # [B, H, T, D]
+        k = k.view(B, T, K, D).transpose(1, 2)                                     # [B, K, T, D]
+        v = v.view(B, T, K, D).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if cache is not None:
+            k, v = cache.update(start, k, v)                                       # [B, K, S, D]
+        if self.wants_pattern():
+            z = self._explicit(q, k, v, mask)
+        elif mask is None and T == k.shape[2]:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=H != K)
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K)
+        z = self.hook_z(z.transpose(1, 2))                                         # [B, T, H, D]
+        for edit in self.edits:
+            z = edit.edit_z(z, self.hook_z.layer, self.hook_z.ctx)
+        return self.out_proj(z.reshape(B, T, H * D))
+
+    def _explicit(self, q, k, v, mask):
+        """Attention that materialises the pattern [B, H, T, S]; GQA by grouping, without copying K/V."""
+        B, H, T, D = q.shape
+        K, S, G = k.shape[1], k.shape[2], H // k.shape[1]
+        qg = q.view(B, K, G, T, D)
+        scores = (qg @ k[:, :, None].transpose(-1, -2)).view(B, H, T, S) / math.sqrt(D)
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = self.hook_scores(scores)
+        pattern = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        pattern = self.hook_pattern(pattern)
+        return (pattern.view(B, K, G, T, S) @ v[:, :, None]).view(B, H, T, D)
+
+
+class NormAttnNorm(nn.Module):
+    """norm_1 -> attention -> + residual -> norm_2 (HF's DbrxNormAttentionNorm layout)."""
+
+    def __init__(self, cfg: DbrxConfig) -> None:
+        super().__init__()
+        self.norm_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=False)
+        self.attn = Attention(cfg)
+        self.norm_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=False)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: DbrxConfig) -> None:
+        super().__init__()
+        self.jitter_eps = cfg.moe_jitter_eps
+        self.layer = nn.Linear(cfg.d_model, cfg.moe_num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, d] -> logits [N, E]; multiplicative jitter in training when moe_jitter_eps is set."""
+        if self.training and self.jitter_eps:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+        return self.layer(x)
+
+
+class ExpertGLU(nn.Module):
+    """All experts' weights stacked: w1, v1, w2 [E*F, d]; expert e owns rows e*F:(e+1)*F."""
+
+    def __init__(self, cfg: DbrxConfig) -> None:
+        super().__init__()
+        E, Fh, d = cfg.moe_num_experts, cfg.ffn_hidden_size, cfg.d_model
+        self.n_experts, self.ffn = E, Fh
+        self.w1 = nn.Parameter(torch.empty(E * Fh, d))
+        self.v1 = nn.Parameter(torch.empty(E * Fh, d))
+        self.w2 = nn.Parameter(torch.empty(E * Fh, d))
+
+    def expert(self, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [n, d] through expert e -> (output [n, d], GLU hidden [n, F])."""
+        rows = slice(e * self.ffn, (e + 1) * self.ffn)
+        h = F.silu(x @ self.w1[rows].T) * (x @ self.v1[rows].T)                   # [n, F]
+        return h @ self.w2[rows], h
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: DbrxConfig) -> None:
+        super().__init__()
+        self.mlp = ExpertGLU(cfg)
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, want_hidden_norm: bool = False):
+        """x [N, d], experts [N, k] -> unweighted outputs [N, k, d] (and GLU hidden L2 norms [N, k]).
+
+        Only routed (token, expert) pairs are computed: pairs are sorted by expert and each expert
+        that got tokens runs one batched GLU over them.
+        """
+        N, k = experts.shape
+        flat = experts.reshape(-1)                                                 # [N*k]
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.mlp.n_experts).tolist()
+        token_of = order // k
+        outs, norms, start = [], [], 0
+        for e, n in enumerate(counts):
+            if n:
+                out, h = self.mlp.expert(x[token_of[start:start + n]], e)
+                outs.append(out)
+                if want_hidden_norm:
+                    norms.append(h.float().norm(dim=-1))
+                start += n
+        inverse = order.argsort()
+        out = torch.cat(outs)[inverse].view(N, k, -1)
+        hidden_norm = torch.cat(norms)[inverse].view(N, k) if want_hidden_norm else None
+        return out, hidden_norm
+
+
+class MoE(nn.Module):
+    """Router -> float32 softmax -> top-k -> p-norm renormalisation -> grouped GLU experts -> weighted sum."""
+
+    def __init__(self, cfg: DbrxConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.top_k = cfg.moe_top_k
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        self.hook_router_logits = HookPoint()  # [N, E] raw router logits (N = B*T, row-major)
+        self.hook_topk_experts = HookPoint()   # [N, k] long, descending weight
+        self.hook_topk_weights = HookPoint()   # [N, k] weights applied (after renormalisation and edits)
+        self.hook_expert_out = HookPoint()     # [N, k, d] each chosen expert's unweighted output
+        self.hook_expert_hidden_norm = HookPoint()  # [N, k] L2 norm of each chosen expert's GLU hidden
+        self.edits: list = []                  # interventions; see interventions.Intervention
+
+    def route(self, logits: torch.Tensor):
+        """logits [N, E] -> (experts [N, k] long, weights [N, k], probs [N, E] float32)."""
+        ctx, layer = self.hook_router_logits.ctx, self.hook_router_logits.layer
+        for edit in self.edits:
+            logits = edit.edit_logits(logits, layer, ctx)
+        probs = torch.softmax(logits.float(), dim=-1)                              # [N, E]
+        k = self.top_k
+        for edit in self.edits:
+            k = edit.edit_top_k(k, layer)
+        weights, experts = probs.topk(k, dim=-1)                                   # [N, k]
+        for edit in self.edits:
+            experts = edit.edit_experts(experts, probs, layer, ctx)
+        if self.edits:
+            weights = probs.gather(-1, experts)
+        p = self.cfg.moe_normalize_expert_weights
+        if p is not None:
+            weights = weights / weights.norm(p=p, dim=-1, keepdim=True)
+        for edit in self.edits:
+            weights = edit.edit_weights(weights, experts, probs, layer, ctx)
+        if self.edits:
+            weights, order = weights.sort(dim=-1, descending=True, stable=True)
+            experts = experts.gather(-1, order)
+        return experts, weights, probs
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, d] -> (output [B, T, d], router logits [N, E])."""
+        B, T, d = x.shape
+        flat = x.reshape(-1, d)                                                    # [N, d]
+        logits = self.hook_router_logits(self.router(flat))                       # [N, E]
+        experts, weights, _ = self.route(logits)
+        experts = self.hook_topk_experts(experts)
+        weights = self.hook_topk_weights(weights.to(x.dtype))
+        want_norm = bool(self.hook_expert_hidden_norm.fns)
+        expert_out, hidden_norm = self.experts(flat, experts, want_norm)          # [N, k, d]
+        if want_norm:
+            self.hook_expert_hidden_norm(hidden_norm)
+        expert_out = self.hook_expert_out(expert_out)
+        out = torch.einsum("nkd,nk->nd", expert_out, weights)
+        return out.view(B, T, d), logits
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DbrxConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.norm_attn_norm = NormAttnNorm(cfg)
+        self.ffn = MoE(cfg)
+        self.hook_resid_pre = HookPoint()   # [B, T, d]
+        self.hook_attn_out = HookPoint()    # [B, T, d] attention output after out_proj
+        self.hook_resid_mid = HookPoint()   # [B, T, d]
+        self.hook_ffn_out = HookPoint()     # [B, T, d] weighted sum of the chosen experts' outputs
+        self.hook_resid_post = HookPoint()  # [B, T, d]
+
+    def forward(self, x, cos, sin, mask, cache, start):
+        x = self.hook_resid_pre(x)
+        nan = self.norm_attn_norm
+        attn_out = self.hook_attn_out(nan.attn(nan.norm_1(x), cos, sin, mask, cache, start))
+        x = self.hook_resid_mid(x + attn_out)
+        ffn_out, router_logits = self.ffn(nan.norm_2(x))
+        x = self.hook_resid_post(x + self.hook_ffn_out(ffn_out))
+        return x, router_logits
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: DbrxConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=False)
+
+
+@dataclass
+class DbrxOutput:
+    """logits [B, T, V] (or [B, 1, V] with last_only); loss: mean next-token CE when labels are given;
+    router_logits: per layer [N, E] when asked for (training losses)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+class DbrxLM(HookedMixin, nn.Module):
+    """DBRX causal LM. `DbrxLM(cfg)` is a plain constructor (works under `torch.device("meta")`)."""
+
+    def __init__(self, cfg: DbrxConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.transformer = Transformer(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.hook_embed = HookPoint()   # [B, T, d]
+        self.hook_final = HookPoint()   # [B, T, d] after norm_f, the input of lm_head
+        self.ctx = ForwardContext()
+        self.hook_points = self._name_hook_points()
+        self.tokenizer = None           # set by load_model; used when generate() gets text
+        self.reset_parameters()
+
+    def _name_hook_points(self) -> dict[str, HookPoint]:
+        points: dict[str, HookPoint] = {}
+
+        def add(name: str, point: HookPoint, layer: int | None) -> None:
+            point.name, point.layer, point.ctx = name, layer, self.ctx
+            points[name] = point
+
+        add("hook_embed", self.hook_embed, None)
+        for i, block in enumerate(self.transformer.blocks):
+            attn, ffn = block.norm_attn_norm.attn, block.ffn
+            add(f"blocks.{i}.hook_resid_pre", block.hook_resid_pre, i)
+            for n in ("q", "k", "v", "scores", "pattern", "z"):
+                add(f"blocks.{i}.attn.hook_{n}", getattr(attn, f"hook_{n}"), i)
+            add(f"blocks.{i}.hook_attn_out", block.hook_attn_out, i)
+            add(f"blocks.{i}.hook_resid_mid", block.hook_resid_mid, i)
+            for n in ("router_logits", "topk_experts", "topk_weights", "expert_hidden_norm", "expert_out"):
+                add(f"blocks.{i}.ffn.hook_{n}", getattr(ffn, f"hook_{n}"), i)
+            add(f"blocks.{i}.hook_ffn_out", block.hook_ffn_out, i)
+            add(f"blocks.{i}.hook_resid_post", block.hook_resid_post, i)
+        add("hook_final", self.hook_final, None)
+        return points
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Normal(0, std) for every matrix (std defaults to initializer_range), ones for norms."""
+        std = self.config.initializer_range if std is None else std
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.blocks
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    # --- forward ---------------------------------------------------------------------------------
+    def validate_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: give at least one token")
+        if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} outside the vocabulary [0, {self.config.vocab_size - 1}]")
+        if input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than max_seq_len="
+                             f"{self.config.max_seq_len}")
+        return input_ids.long()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                labels: torch.Tensor | None = None, cache: Sequence[KVCache] | None = None, start: int = 0,
+                output_router_logits: bool = False, last_only: bool = False) -> DbrxOutput:
+        """input_ids [B, T] -> DbrxOutput(logits [B, T, V]).
+
+        attention_mask [B, start+T] (1 real, 0 padding; left padding expected) covers the cache too.
+        cache/start: per-layer KVCache and the column this call starts at (for decoding).
+        """
+        input_ids = self.validate_input_ids(input_ids)
+        B, T = input_ids.shape
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"position {start + T} exceeds max_seq_len={self.config.max_seq_len}")
+        device = self.transformer.wte.weight.device
+        input_ids = input_ids.to(device)
+        S = start + T
+        columns = torch.arange(start, S, device=device).expand(B, T)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+            if attention_mask.shape != (B, S):
+                raise ValueError(f"attention_mask must be [batch, {S}] (cache + new tokens), got "
+                                 f"{tuple(attention_mask.shape)}")
+            if bool(attention_mask.all()):
+                attention_mask = None
+        if attention_mask is None:
+            positions, mask = columns, None
+        else:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]       # [B, T]
+            causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(start)           # [T, S]
+            mask = causal & attention_mask[:, None, :]                                      # [B, T, S]
+            mask = mask | (columns[:, :, None] == torch.arange(S, device=device))           # pads see self
+            mask = mask[:, None]                                                            # [B, 1, T, S]
+        ctx = self.ctx
+        ctx.positions, ctx.attention_mask, ctx.is_prefill = columns, attention_mask, start == 0
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
+
+        x = self.hook_embed(self.transformer.wte(input_ids))                        # [B, T, d]
+        all_router_logits = []
+        for i, block in enumerate(self.transformer.blocks):
+            x, router_logits = block(x, cos, sin, mask, None if cache is None else cache[i], start)
+            if output_router_logits:
+                all_router_logits.append(router_logits)
+        if last_only:
+            x = x[:, -1:]
+        x = self.hook_final(self.transformer.norm_f(x))
+        logits = self.lm_head(x)                                                    # [B, T, V]
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return DbrxOutput(logits, loss, tuple(all_router_logits) if output_router_logits else None)
+
+    def new_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        cfg = self.config
+        return [KVCache(batch, cfg.kv_n_heads, max_len, cfg.head_dim, self.dtype, b.ffn.router.layer.weight.device)
+                for b in self.transformer.blocks]
+
+    # --- generation, tracing, interventions --------------------------------------------------------
+    def generate(self, input_ids, max_new_tokens: int = 50, **kwargs) -> torch.Tensor:
+        """Prompt ids [B, T] (or a string, or chat messages) -> ids [B, T + n]; see generation.generate."""
+        from .generation import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    def generate_text(self, prompt, max_new_tokens: int = 50, **kwargs) -> str | list[str]:
+        """A string or chat messages in, the generated continuation (decoded, without the prompt) out."""
+        from .generation import generate_text
+
+        return generate_text(self, prompt, max_new_tokens=max_new_tokens, **kwargs)
+
+    def stream(self, input_ids, max_new_tokens: int = 50, **kwargs) -> Iterator:
+        """Yield a `generation.Step` per generated token (ids, text pieces, finished flags)."""
+        from .generation import stream
+
+        return stream(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    def run_with_trace(self, input_ids, attention_mask=None, record: "Record | None" = None, **kwargs):
+        """Forward pass that also returns a Trace (see dbrx_lab.trace)."""
+        from .trace import run_with_trace
+
+        return run_with_trace(self, input_ids, attention_mask=attention_mask, record=record, **kwargs)
+
+    def generate_with_trace(self, input_ids, max_new_tokens: int = 50, record: "Record | None" = None,
+                            **kwargs) -> tuple[torch.Tensor, "Trace"]:
+        from .trace import generate_with_trace
+
+        return generate_with_trace(self, input_ids, max_new_tokens=max_new_tokens, record=record, **kwargs)
+
+    @contextlib.contextmanager
+    def intervene(self, *interventions: "Intervention") -> Iterator["DbrxLM"]:
+        """Apply interventions inside the block (forward, traces, generate); removed on exit, even on error."""
+        from .interventions import attach_all
+
+        with attach_all(self, interventions):
+            yield self
+
+    def active_interventions(self) -> list:
+        seen: list = []
+        for block in self.transformer.blocks:
+            for edit in block.ffn.edits + block.norm_attn_norm.attn.edits:
+                if not any(edit is s for s in seen):
+                    seen.append(edit)
+        return seen
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def save_pretrained(self, folder, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None):
+        """Write config.json + (sharded) safetensors + index; loads in HF transformers and dbrx_lab."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, folder, max_shard_size=max_shard_size, dtype=dtype)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
