@@ -111,8 +111,11 @@ def stream(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, attention_mask=
     if eos_token_id is None:
         eos_token_id = cfg.eos_token_id or []
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long)
-    if pad_token_id is None:
-        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    if pad_token_id is None:   # finished rows keep being fed: the pad id must be a real row of the embedding
+        in_vocab = [int(e) for e in eos if 0 <= e < cfg.vocab_size]
+        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (in_vocab[0] if in_vocab else 0)
+    if not 0 <= pad_token_id < cfg.vocab_size:
+        raise ValueError(f"pad_token_id {pad_token_id} outside the vocabulary [0, {cfg.vocab_size - 1}]")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(int(seed))

@@ -168,29 +168,42 @@ class Experts(nn.Module):
         super().__init__()
         self.mlp = ExpertGLU(cfg)
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor, want_hidden_norm: bool = False):
-        """x [N, d], experts [N, k] -> unweighted outputs [N, k, d] (and GLU hidden L2 norms [N, k]).
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor | None = None,
+                want_hidden_norm: bool = False):
+        """x [N, d], experts [N, k] -> (out, GLU hidden L2 norms [N, k] or None).
 
+        out: each chosen expert's unweighted output [N, k, d]; or, given `weights` [N, k], the weighted
+        sum over the k experts [N, d], accumulated per token without materialising [N, k, d].
         Only routed (token, expert) pairs are computed: pairs are sorted by expert and each expert
         that got tokens runs one batched GLU over them.
         """
         N, k = experts.shape
         flat = experts.reshape(-1)                                                 # [N*k]
-        order = flat.argsort(stable=True)
+        order = flat.argsort(stable=True)                                          # pairs by expert
         counts = torch.bincount(flat, minlength=self.mlp.n_experts).tolist()
-        token_of = order // k
+        token_of = order // k                                                      # [N*k]
+        xs = x[token_of]                                                           # [N*k, d]
         outs, norms, start = [], [], 0
         for e, n in enumerate(counts):
             if n:
-                out, h = self.mlp.expert(x[token_of[start:start + n]], e)
+                out, h = self.mlp.expert(xs[start:start + n], e)
                 outs.append(out)
                 if want_hidden_norm:
                     norms.append(h.float().norm(dim=-1))
                 start += n
-        inverse = order.argsort()
-        out = torch.cat(outs)[inverse].view(N, k, -1)
-        hidden_norm = torch.cat(norms)[inverse].view(N, k) if want_hidden_norm else None
-        return out, hidden_norm
+        out = torch.cat(outs)                                                      # [N*k, d] by expert
+        hidden_norm = unsort(torch.cat(norms), order).view(N, k) if want_hidden_norm else None
+        if weights is None:
+            return unsort(out, order).view(N, k, -1), hidden_norm
+        out = out * weights.reshape(-1)[order, None]
+        return x.new_zeros(N, x.shape[1]).index_add_(0, token_of, out), hidden_norm
+
+
+def unsort(sorted_rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows sorted by `order` [n] back to their original places: result[order[i]] = sorted_rows[i]."""
+    out = torch.empty_like(sorted_rows)
+    out[order] = sorted_rows
+    return out
 
 
 class MoE(nn.Module):
@@ -242,11 +255,12 @@ class MoE(nn.Module):
         experts = self.hook_topk_experts(experts)
         weights = self.hook_topk_weights(weights.to(x.dtype))
         want_norm = bool(self.hook_expert_hidden_norm.fns)
-        expert_out, hidden_norm = self.experts(flat, experts, want_norm)          # [N, k, d]
+        want_out = bool(self.hook_expert_out.fns)                                  # else no [N, k, d]
+        out, hidden_norm = self.experts(flat, experts, None if want_out else weights, want_norm)
         if want_norm:
             self.hook_expert_hidden_norm(hidden_norm)
-        expert_out = self.hook_expert_out(expert_out)
-        out = torch.einsum("nkd,nk->nd", expert_out, weights)
+        if want_out:
+            out = torch.einsum("nkd,nk->nd", self.hook_expert_out(out), weights)  # [N, d]
         return out.view(B, T, d), logits
 
 
@@ -426,8 +440,14 @@ class DbrxLM(HookedMixin, nn.Module):
         return DbrxOutput(logits, loss, tuple(all_router_logits) if output_router_logits else None)
 
     def new_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        """One KVCache per block, on the device the block runs on (accelerate's execution device if dispatched)."""
         cfg = self.config
-        return [KVCache(batch, cfg.kv_n_heads, max_len, cfg.head_dim, self.dtype, b.ffn.router.layer.weight.device)
+
+        def device(b: Block):
+            hook_device = getattr(getattr(b, "_hf_hook", None), "execution_device", None)
+            return hook_device if hook_device is not None else b.ffn.router.layer.weight.device
+
+        return [KVCache(batch, cfg.kv_n_heads, max_len, cfg.head_dim, self.dtype, device(b))
                 for b in self.transformer.blocks]
 
     # --- generation, tracing, interventions --------------------------------------------------------

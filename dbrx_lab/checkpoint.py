@@ -1,0 +1,385 @@
+"""Load and save DBRX checkpoints in HF format (config.json + safetensors shards + index), streaming.
+
+A checkpoint folder holds `config.json` and either `model.safetensors` or shards
+`model-00001-of-0000N.safetensors` listed in `model.safetensors.index.json`. Loading checks every
+file header against the model's expected names and shapes before any weight is read, then copies
+tensors one at a time into a model allocated once (peak RAM ~ model + one tensor + one mapped shard).
+Pickle files are never read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import PRESETS, DbrxConfig
+from .model import Block, DbrxLM
+
+__all__ = ["load_model", "save_pretrained", "checkpoint_tensors", "DEMO_DIR"]
+
+DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+NO_SPLIT = ["Block"]                  # accelerate must keep a block (attention + its 16 experts) whole
+MAX_RANDOM_PARAMS = 2_000_000_000     # random-init presets above this are refused (dbrx-instruct: 131.6B)
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a safetensors header describes it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+def load_model(source: str | os.PathLike, dtype: torch.dtype | str | None = None,
+               device: torch.device | str | None = None, device_map: str | dict | None = None,
+               max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
+               seed: int = 0) -> DbrxLM:
+    """A DbrxLM in eval mode from a preset name or an HF-format checkpoint folder.
+
+    source: "demo" (the bundled trained tiny model), a config preset ("tiny", "tiny-vocab", "bench":
+        random weights drawn with `seed`), or a folder with config.json + safetensors.
+    dtype: torch dtype or its name; None keeps the checkpoint's stored dtype (presets: config.torch_dtype).
+    device: where to allocate the whole model (default CPU). Exclusive with device_map.
+    device_map: "auto" | "balanced" | "sequential" | {module name: device} for accelerate's big-model
+        inference (blocks are never split; `max_memory` caps each device, e.g. {"cpu": "2GiB"};
+        modules that do not fit go to "disk" in `offload_folder`).
+    The model gets `.tokenizer` when its vocabulary is DBRX's (100352 rows).
+    """
+    if device is not None and device_map is not None:
+        raise ValueError("give either device (one device) or device_map (accelerate dispatch), not both")
+    if isinstance(source, str) and source == "demo":
+        if not (DEMO_DIR / "config.json").is_file():
+            raise FileNotFoundError(f"the bundled demo model is not in this install yet (expected config.json and "
+                                    f"model.safetensors in {DEMO_DIR}); use load_model('tiny') for a random model")
+        source = DEMO_DIR
+    if isinstance(source, str) and source in PRESETS:
+        if device_map is not None:
+            raise ValueError("device_map applies to checkpoint folders; presets take device=")
+        model = _random_model(source, _resolve_dtype(dtype), device, seed)
+    else:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{str(source)!r} is neither a preset ({', '.join(['demo', *PRESETS])}) nor a "
+                                    f"checkpoint folder")
+        model = _load_folder(folder, dtype, device, device_map, max_memory, offload_folder)
+    model.eval()
+    if model.config.vocab_size == 100352:
+        from .tokenizer import load_tokenizer
+
+        model.tokenizer = load_tokenizer()
+    return model
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
+    return resolved
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _random_model(name: str, dtype: torch.dtype | None, device, seed: int) -> DbrxLM:
+    cfg = dataclasses.replace(PRESETS[name])
+    if cfg.n_params > MAX_RANDOM_PARAMS:
+        raise ValueError(f"preset {name!r} has {cfg.n_params / 1e9:.1f}B parameters: too big for random weights; "
+                         f"load the released checkpoint folder, or build it empty with "
+                         f"`with torch.device('meta'): DbrxLM(PRESETS[{name!r}])`")
+    dtype = dtype or _resolve_dtype(cfg.torch_dtype) or torch.float32
+    cfg.torch_dtype = _dtype_name(dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DbrxLM(cfg)
+    return model.to(device=device or "cpu", dtype=dtype)
+
+
+def read_config(folder: Path) -> DbrxConfig:
+    """config.json of a checkpoint folder; eos ids from generation_config.json win (as in HF generate)."""
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {folder}: a checkpoint folder needs config.json and "
+                                f"{SINGLE_FILE} (or shards listed in {INDEX_FILE})")
+    cfg = DbrxConfig.from_pretrained(folder)
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        if eos is not None:
+            cfg.eos_token_id = [eos] if isinstance(eos, int) else list(eos)
+    return cfg
+
+
+def checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a checkpoint folder, in order, and the index's weight_map (None: single file)."""
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map = dict(json.loads(index_path.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{index_path} is not a valid safetensors index ({err!r})") from None
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index_path} lists shard(s) that are not in {folder}: {', '.join(missing)}")
+        return files, weight_map
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE], None
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    hint = f" (found {', '.join(pickles)}: pickle checkpoints are not loaded; convert them to safetensors)" \
+        if pickles else ""
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}{hint}")
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Tensor name -> TensorInfo from a safetensors header; ValueError naming the file if it is truncated or corrupt."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt header)")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a valid safetensors file (unreadable header)")
+    header.pop("__metadata__", None)
+    infos, end, name = {}, 0, None
+    try:
+        for name, entry in header.items():
+            dtype = _ST_DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, stop = entry["data_offsets"]
+            if not 0 <= begin <= stop or stop - begin != dtype.itemsize * torch.Size(shape).numel():
+                raise ValueError
+            infos[name] = TensorInfo(shape, dtype, path)
+            end = max(end, stop)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path} is not a valid safetensors file (bad header entry for {name!r})") from None
+    if 8 + n + end != size:
+        raise ValueError(f"{path} is {size} bytes but its header describes {8 + n + end} bytes: the file is "
+                         f"truncated or corrupt")
+    return infos
+
+
+def checkpoint_tensors(folder: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Name -> TensorInfo for every tensor of a checkpoint folder; reads headers only."""
+    folder = Path(folder)
+    found: dict[str, TensorInfo] = {}
+    files, weight_map = checkpoint_files(folder)
+    for path in files:
+        for name, info in read_header(path).items():
+            if name in found:
+                raise ValueError(f"tensor {name!r} is in both {found[name].file.name} and {path.name}")
+            found[name] = info
+    if weight_map is not None:
+        wrong = [f"{name} (index: {file}, found: {found[name].file.name if name in found else 'nowhere'})"
+                 for name, file in weight_map.items() if name not in found or found[name].file.name != file]
+        if wrong:
+            raise ValueError(f"{folder / INDEX_FILE} does not match its shards: {'; '.join(wrong)}")
+    return found
+
+
+def validate_checkpoint(model: DbrxLM, found: dict[str, TensorInfo], folder: Path) -> None:
+    """Raise one ValueError naming every missing, unexpected and misshapen tensor (expected vs found shape)."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    optional = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    problems = []
+    missing = [n for n in expected if n not in found and n not in optional]
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    unexpected = [f"{n} (in {info.file.name})" for n, info in found.items() if n not in expected]
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    misshapen = [f"{n}: expected {list(expected[n])}, found {list(info.shape)} in {info.file.name}"
+                 for n, info in found.items() if n in expected and info.shape != expected[n]]
+    if misshapen:
+        problems.append(f"misshapen tensors: {'; '.join(misshapen)}")
+    not_float = [f"{n} ({info.dtype})" for n, info in found.items() if n in expected and
+                 not info.dtype.is_floating_point]
+    if not_float:
+        problems.append(f"non-float tensors: {', '.join(not_float)}")
+    if problems:
+        raise ValueError(f"checkpoint {folder} does not fit its config.json (d_model={model.config.d_model}, "
+                         f"n_layers={model.config.n_layers}, vocab_size={model.config.vocab_size}):\n  "
+                         + "\n  ".join(problems))
+
+
+def _load_folder(folder: Path, dtype, device, device_map, max_memory, offload_folder) -> DbrxLM:
+    cfg = read_config(folder)
+    found = checkpoint_tensors(folder)
+    dtype = _resolve_dtype(dtype) or next(iter(found.values())).dtype
+    cfg.torch_dtype = _dtype_name(dtype)
+    with torch.device("meta"):
+        model = DbrxLM(cfg)
+    validate_checkpoint(model, found, folder)
+    model.to(dtype)                                                  # meta: changes dtypes only
+    if device_map is not None:
+        return _dispatch(model, folder, dtype, device_map, max_memory, offload_folder)
+    model.to_empty(device=device or "cpu")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    params = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for path in dict.fromkeys(info.file for info in found.values()):
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    params[name].copy_(f.get_tensor(name))
+    return model
+
+
+def _dispatch(model: DbrxLM, folder: Path, dtype, device_map, max_memory, offload_folder) -> DbrxLM:
+    """accelerate big-model inference: blocks stay whole; offloaded blocks load all their weights at once."""
+    from accelerate import infer_auto_device_map, load_checkpoint_and_dispatch
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        if device_map not in ("auto", "balanced", "sequential"):
+            raise ValueError(f"device_map must be 'auto', 'balanced', 'sequential' or a dict, got {device_map!r}")
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=NO_SPLIT,
+                                             dtype=dtype)
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=NO_SPLIT,
+                                           dtype=dtype)
+    elif not isinstance(device_map, dict):
+        raise ValueError(f"device_map must be 'auto', 'balanced', 'sequential' or a dict, got {device_map!r}")
+    device_map = _blockwise(model, device_map)
+    if "disk" in device_map.values() and offload_folder is None:
+        raise ValueError(f"device_map puts {[n for n, d in device_map.items() if d == 'disk']} on disk: "
+                         f"give offload_folder= (a folder for the offloaded weights)")
+    return load_checkpoint_and_dispatch(model, str(folder), device_map=device_map, offload_folder=offload_folder,
+                                        dtype=dtype, no_split_module_classes=NO_SPLIT,
+                                        preload_module_classes=NO_SPLIT)
+
+
+def _blockwise(model: DbrxLM, device_map: dict) -> dict:
+    """Split coarse entries ("", "transformer.blocks", ...) into blocks and top-level modules, more specific
+    entries winning; the embedding, final norm and head are never put on disk (forward reads their device)."""
+    out = {}
+
+    def expand(name: str, dev) -> None:
+        module = model.get_submodule(name)
+        children = list(module.named_children())
+        if isinstance(module, Block) or not children:
+            out[name] = "cpu" if dev == "disk" and not isinstance(module, Block) else dev
+        else:
+            for child, _ in children:
+                expand(f"{name}.{child}" if name else child, dev)
+
+    for name in sorted(device_map, key=lambda n: len(n.split(".")) if n else 0):
+        if re.match(r"transformer\.blocks\.\d+\.", name):
+            raise ValueError(f"device_map entry {name!r} splits a block; map whole blocks "
+                             f"('transformer.blocks.N') or larger modules")
+        try:
+            expand(name, device_map[name])
+        except AttributeError:
+            raise ValueError(f"device_map names {name!r}, which is not a module of DbrxLM") from None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# saving
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or "5GB" / "500MB" / "2GiB" / "100KB" (HF convention: GB = 1e9, GiB = 2**30)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size must be a positive int (bytes) or like '5GB', '500MB', '2GiB'; got {size!r}")
+    unit = m.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    power = "BKMGT".index(unit[0])
+    return max(1, int(float(m.group(1)) * base ** power))
+
+
+def plan_shards(nbytes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Group tensor names, in order, into shards of at most max_bytes (a bigger tensor gets its own shard)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, n in nbytes.items():
+        if shards[-1] and used + n > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += n
+    return shards
+
+
+def save_pretrained(model: DbrxLM, folder: str | os.PathLike, max_shard_size: int | str = "5GB",
+                    dtype: torch.dtype | str | None = None) -> Path:
+    """Write config.json, generation_config.json and safetensors weights (sharded + index above max_shard_size).
+
+    The files are written to a temporary folder next to `folder` and moved in place with atomic renames;
+    weight files of an earlier save that the new one does not use are removed. Returns the folder.
+    """
+    folder = Path(folder)
+    dtype = _resolve_dtype(dtype) or model.dtype
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    on_meta = [n for n, t in state.items() if t.device.type == "meta"]
+    if on_meta:
+        raise ValueError(f"cannot save: {len(on_meta)} tensors are on the meta device (offloaded or never loaded), "
+                         f"e.g. {on_meta[0]}; load the model without disk offload to save it")
+    sizes = {n: t.numel() * dtype.itemsize for n, t in state.items()}
+    shards = plan_shards(sizes, parse_size(max_shard_size))
+    names = [SINGLE_FILE] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        for file, shard in zip(names, shards):
+            tensors = {n: state[n].detach().to(device="cpu", dtype=dtype).contiguous() for n in shard}
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            del tensors
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values())},
+                     "weight_map": {n: file for file, shard in zip(names, shards) for n in shard}}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        cfg = dataclasses.replace(model.config, torch_dtype=_dtype_name(dtype))
+        cfg.save_pretrained(tmp)
+        if cfg.eos_token_id:
+            gen = {"eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        _move_into(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _move_into(tmp: Path, folder: Path) -> None:
+    """Move tmp's files into folder (one rename when folder is new), weights first and config.json last;
+    then drop weight files of an earlier save that the new one does not use."""
+    if not folder.exists():
+        os.rename(tmp, folder)
+        return
+    new = {p.name for p in tmp.iterdir()}
+    for name in sorted(new, key=lambda n: (not n.endswith(".safetensors"), n == "config.json")):
+        os.replace(tmp / name, folder / name)
+    for stale in [*folder.glob("model*.safetensors"), folder / INDEX_FILE]:
+        if stale.name not in new and stale.is_file():
+            stale.unlink()

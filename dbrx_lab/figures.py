@@ -1,0 +1,704 @@
+"""Figures: pure functions from a Trace or an analysis DataFrame to a plotly Figure (or HTML).
+
+Figures never run the model and never compute statistics themselves: tables come from
+`dbrx_lab.analysis` (a function given a Trace calls the analysis function for it). Every expert has one
+colour everywhere (`expert_color`); every mark has hover text; positions are trace columns, the same
+`position` the analysis tables use, and only real (non-padding) tokens are drawn.
+
+Shapes: L layers, B batch, T positions, E experts, k experts per token, H heads.
+"""
+from __future__ import annotations
+
+import html
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+__all__ = ["EXPERT_COLORS", "expert_color", "readable_token", "usage_heatmap", "routing_map", "routed_text",
+           "routed_text_html", "attention_heatmap", "attention_grid", "coactivation_heatmap", "repetition_bars",
+           "specialization_bars", "routing_sankey", "ablation_impact", "generation_diff", "routing_cascade"]
+
+# Okabe & Ito (2008) "Color Universal Design" (8 colours, first) + 8 from Paul Tol's muted, light and bright
+# schemes (https://personal.sron.nl/~pault/), picked greedily to maximise the smallest pairwise CIE76
+# distance under normal vision and simulated deuteranopia and protanopia (Machado et al. 2009):
+# every pair differs by ΔE >= 13 in all three (tests/test_figures.py checks it).
+EXPERT_COLORS: list[str] = [
+    "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000",
+    "#EEDD88", "#332288", "#882255", "#FFAABB", "#99DDFF", "#117733", "#EE6677", "#999933",
+]
+
+TEMPLATE = "plotly_white"
+FONT = dict(family="Inter, 'Helvetica Neue', Arial, sans-serif", size=13, color="#222")
+MONO = "'JetBrains Mono', 'DejaVu Sans Mono', Menlo, Consolas, monospace"
+DIVERGING = "RdBu_r"          # blue below the baseline, red above
+SEQUENTIAL = "Blues"
+_BLUES = ["#053061", "#2166AC", "#4393C3", "#92C5DE", "#D1E5F0"]    # ColorBrewer RdBu, low half
+_REDS = ["#FDDBC7", "#F4A582", "#D6604D", "#B2182B", "#67001F"]     # high half
+MIDPOINT_COLOR = "#F7F7F7"
+MAX_TICKS = 80                # token labels shown on an axis before thinning
+_VISIBLE = {" ": "␣", "\n": "↵", "\r": "␍", "\t": "⇥"}
+_ESCAPED = {"\\n": "↵", "\\r": "␍", "\\t": "⇥"}   # tokenizer.token_strings escapes these
+
+
+def expert_color(e: int) -> str:
+    """Hex colour of expert e; cycles through the 16 colours for e >= 16."""
+    if not isinstance(e, (int, np.integer)) or isinstance(e, bool) or e < 0:
+        raise ValueError(f"expert must be an integer >= 0, got {e!r}")
+    return EXPERT_COLORS[int(e) % len(EXPERT_COLORS)]
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    r, g, b = (int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _text_color(hex_color: str) -> str:
+    """Black or white, whichever reads better on the background (WCAG relative luminance)."""
+    c = np.array([int(hex_color[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return "#000000" if float(lin @ [0.2126, 0.7152, 0.0722]) > 0.18 else "#FFFFFF"
+
+
+def readable_token(token: str, max_len: int = 16) -> str:
+    """Token text for labels: whitespace made visible (␣ space, ↵ newline, ⇥ tab), long tokens cut with …."""
+    for k, v in _ESCAPED.items():
+        token = token.replace(k, v)
+    s = "".join(_VISIBLE.get(c, c) for c in token) or "∅"
+    return s if len(s) <= max_len else s[:max_len - 1] + "…"
+
+
+def _expert_colorscale(n_experts: int) -> list[list]:
+    """Step colourscale for z = expert id with zmin = -0.5, zmax = E - 0.5."""
+    scale = []
+    for e in range(n_experts):
+        scale += [[e / n_experts, expert_color(e)], [(e + 1) / n_experts, expert_color(e)]]
+    return scale
+
+
+def _two_slope(mid: float, zmin: float, zmax: float) -> list[list]:
+    """Diverging colourscale for [zmin, zmax] that is white exactly at `mid`, with separate slopes below and
+    above (like matplotlib's TwoSlopeNorm): usage is >= 0 but may exceed twice the uniform baseline."""
+    m = (mid - zmin) / (zmax - zmin)
+    return ([[m * i / len(_BLUES), c] for i, c in enumerate(_BLUES)] + [[m, MIDPOINT_COLOR]]
+            + [[m + (1 - m) * (i + 1) / len(_REDS), c] for i, c in enumerate(_REDS)])
+
+
+def _baseline_heatmap(z: np.ndarray, mid: float, **kwargs) -> go.Heatmap:
+    """Heatmap of non-negative values coloured blue below `mid`, white at `mid`, red above."""
+    zmax = max(float(np.nanmax(z)) if np.isfinite(z).any() else 0.0, 2 * mid)
+    return go.Heatmap(z=z, zmin=0, zmax=zmax, colorscale=_two_slope(mid, 0.0, zmax), xgap=1, ygap=1,
+                      hoverinfo="text", **kwargs)
+
+
+def _finish(fig: go.Figure, title: str, **layout) -> go.Figure:
+    """The shared look: template, fonts, left-aligned title, monospace hover labels; `layout` overrides."""
+    fig.update_layout(**{"template": TEMPLATE, "font": FONT, "margin": dict(l=70, r=30, t=60, b=60),
+                         "title": dict(text=title, x=0.01, xanchor="left", font_size=16),
+                         "hoverlabel": dict(font_family=MONO, font_size=12, bgcolor="white"), **layout})
+    return fig
+
+
+def _width(natural: int) -> int | None:
+    """A fixed figure width for short sequences (cells keep a readable size); None (fill the container)
+    once the natural width exceeds a typical notebook or page."""
+    return max(720, natural) if natural <= 1200 else None
+
+
+def _token_axis(positions: Sequence[int], tokens: Sequence[str], title: str, generated_from: int | None = None) -> dict:
+    """A numeric position axis labelled with tokens (numeric, so repeated tokens are never merged); labels of
+    positions >= generated_from in grey italics. More than MAX_TICKS positions: every n-th label."""
+    step = max(1, math.ceil(len(positions) / MAX_TICKS))
+    text = []
+    for p, t in zip(positions[::step], tokens[::step]):
+        label = html.escape(readable_token(t))
+        generated = generated_from is not None and p >= generated_from
+        text.append(f'<span style="color:#888"><i>{label}</i></span>' if generated else label)
+    return dict(title=title, tickmode="array", tickvals=list(positions[::step]), ticktext=text,
+                tickangle=-60 if len(positions) > 6 else 0, tickfont=dict(family=MONO, size=11), showgrid=False,
+                zeroline=False)
+
+
+# --- inputs --------------------------------------------------------------------------------------
+def _table(data, compute: Callable, required: Sequence[str], name: str, **kwargs) -> pd.DataFrame:
+    """`data` itself when it is the analysis table (has the required columns), else compute(data)."""
+    if isinstance(data, pd.DataFrame) and set(required) <= set(data.columns):
+        return data
+    try:
+        return compute(data, **kwargs)
+    except ValueError as err:
+        raise ValueError(f"{name} needs a table with columns {list(required)} or a routing source (Trace, list "
+                         f"of Traces, routing DataFrame, route-stats folder): {err}") from None
+
+
+def _one_layer(df: pd.DataFrame, layer: int | None) -> tuple[pd.DataFrame, int]:
+    """The rows of one layer (layer=None: the table's only layer)."""
+    layers = sorted(int(x) for x in df["layer"].unique())
+    if layer is None:
+        if len(layers) != 1:
+            raise ValueError(f"the table has layers {layers}: pass layer= one of them")
+        layer = layers[0]
+    if layer not in layers:
+        raise ValueError(f"layer {layer} not in the table; its layers are {layers}")
+    return df[df["layer"] == layer], layer
+
+
+def _check_batch(trace, batch: int) -> None:
+    if not isinstance(batch, int) or not 0 <= batch < trace.batch_size:
+        raise ValueError(f"batch must be in [0, {trace.batch_size - 1}], got {batch!r}")
+
+
+def _check_routing(trace) -> None:
+    if trace.topk_experts is None:
+        raise ValueError("this trace has no routing; record it with Record(router=True)")
+
+
+def _real_positions(trace, batch: int) -> np.ndarray:
+    """Trace columns of the real (non-padding) tokens of one row."""
+    return np.flatnonzero(trace.attention_mask[batch].cpu().numpy())
+
+
+def _n_experts(trace) -> int:
+    E = trace.n_experts
+    return int(E) if E else int(trace.topk_experts.max()) + 1
+
+
+# --- expert usage --------------------------------------------------------------------------------
+_USAGE_BASELINE = {"share": "baseline_share", "top1_share": "baseline_top1", "weight_share": "baseline_top1"}
+_LOAD_COLUMNS = {"layer", "expert", "tokens", "count", "share", "top1_count", "top1_share", "weight_share",
+                 "baseline_share", "baseline_top1"}
+
+
+def usage_heatmap(load, value: str = "share", group: Any = None) -> go.Figure:
+    """Expert usage per layer: layer x expert heatmap of `expert_load` (or of a routing source).
+
+    value: "share" (tokens with the expert in their top-k / tokens; uniform k/E), "top1_share" (uniform 1/E)
+    or "weight_share" (mean applied weight; uniform 1/E). The colour midpoint is the uniform baseline: blue
+    cells are used less than a uniform router would, red more. group: the group to show when the table was
+    split with `expert_load(..., by=...)`.
+    """
+    from .analysis import expert_load
+
+    if value not in _USAGE_BASELINE:
+        raise ValueError(f"value must be one of {sorted(_USAGE_BASELINE)}, got {value!r}")
+    df = _table(load, expert_load, ["layer", "expert", value, _USAGE_BASELINE[value]], "usage_heatmap")
+    group_cols = [c for c in df.columns if c not in _LOAD_COLUMNS]
+    if group_cols:
+        col = group_cols[0]
+        groups = list(df[col].unique())
+        if group is None and len(groups) > 1:
+            raise ValueError(f"the table is split by {col!r} into {groups}: pass group= one of them")
+        group = groups[0] if group is None else group
+        if group not in groups:
+            raise ValueError(f"group {group!r} not in {col!r}: {groups}")
+        df = df[df[col] == group]
+    grid = df.pivot(index="layer", columns="expert", values=value)
+    counts = df.pivot(index="layer", columns="expert", values="count" if value != "top1_share" else "top1_count")
+    baseline = float(df[_USAGE_BASELINE[value]].iloc[0])
+    tokens = int(df["tokens"].iloc[0])
+    z = grid.to_numpy(dtype=float)
+    hover = [[f"layer {l} · expert {e}<br>{value} {z[i, j]:.3f} ({z[i, j] / baseline:.2f}× uniform {baseline:.3f})"
+              f"<br>{int(counts.iloc[i, j])} of {tokens} tokens"
+              for j, e in enumerate(grid.columns)] for i, l in enumerate(grid.index)]
+    colorbar = dict(title=dict(text=f"{value}<br>white = uniform<br>({baseline:.3g})"))
+    fig = go.Figure(_baseline_heatmap(z, baseline, x=list(grid.columns), y=list(grid.index), hovertext=hover,
+                                      colorbar=colorbar))
+    fig.update_xaxes(title="expert", tickmode="array", tickvals=list(grid.columns), showgrid=False)
+    fig.update_yaxes(title="layer", tickmode="linear" if len(grid.index) <= 48 else "auto", showgrid=False,
+                     autorange="reversed")
+    what = {"share": "share of tokens routed (top-k)", "top1_share": "share of tokens as top-1",
+            "weight_share": "mean routing weight"}[value]
+    title = f"Expert usage: {what} per layer and expert ({tokens} tokens)"
+    if group_cols:
+        title += f" · {group_cols[0]} = {group}"
+    return _finish(fig, title, height=max(360, 90 + 26 * len(grid.index)))
+
+
+# --- routing map and routed text ---------------------------------------------------------------
+def _routing_hover(trace, batch: int, positions: np.ndarray) -> list[list[str]]:
+    """[L][n] hover text: token, position, top-k experts with weights, margin p_(k) - p_(k+1)."""
+    from .analysis import router_confidence
+
+    experts = trace.topk_experts[:, batch, positions].cpu().numpy()                     # [L, n, k]
+    weights = (trace.topk_weights[:, batch, positions].float().cpu().numpy() if trace.topk_weights is not None
+               else np.full(experts.shape, np.nan))
+    L = experts.shape[0]
+    margin = np.full((L, len(positions)), np.nan)
+    if trace.router_logits is not None:
+        conf = router_confidence(trace.select(batch))
+        index = {p: i for i, p in enumerate(positions)}
+        rows = conf["position"].map(index).to_numpy()
+        margin[conf["layer"].to_numpy(), rows] = conf["margin"].to_numpy()
+    tokens = trace.tokens[batch]
+    out = []
+    for l in range(L):
+        row = []
+        for i, p in enumerate(positions):
+            chosen = " ".join(f"e{e}:{w:.2f}" for e, w in zip(experts[l, i], weights[l, i]) if e >= 0)
+            m = "n/a (no router logits)" if np.isnan(margin[l, i]) else f"{margin[l, i]:.3f}"
+            row.append(f"<b>{html.escape(readable_token(tokens[p], 40))}</b> · position {p} · layer {l}"
+                       f"<br>top-{experts.shape[-1]}: {chosen}<br>margin p(k)−p(k+1): {m}")
+        out.append(row)
+    return out
+
+
+def routing_map(trace, batch: int = 0, layers: Sequence[int] | None = None) -> go.Figure:
+    """Token routing map: position x layer cells coloured by each token's top-1 expert.
+
+    One cell per (layer, real position) of batch row `batch`; hover shows the token, its top-k experts
+    with their applied weights and the router margin p_(k) - p_(k+1) (from `analysis.router_confidence`).
+    A dotted line marks where generated tokens start.
+    """
+    _check_routing(trace)
+    _check_batch(trace, batch)
+    L = trace.topk_experts.shape[0]
+    layers = list(range(L)) if layers is None else list(layers)
+    bad = [l for l in layers if not 0 <= l < L]
+    if bad or not layers:
+        raise ValueError(f"layers {bad or layers} out of range [0, {L - 1}]")
+    pos = _real_positions(trace, batch)
+    E = _n_experts(trace)
+    top1 = trace.topk_experts[layers, batch][:, pos, 0].cpu().numpy().astype(float)      # [L_sel, n]
+    hover = _routing_hover(trace, batch, pos)
+    fig = go.Figure(go.Heatmap(
+        z=top1, x=pos, y=layers, zmin=-0.5, zmax=E - 0.5, colorscale=_expert_colorscale(E),
+        hovertext=[hover[l] for l in layers], hoverinfo="text", xgap=1, ygap=1,
+        colorbar=dict(title=dict(text="top-1 expert"), tickmode="array", tickvals=list(range(E)),
+                      ticktext=[str(e) for e in range(E)], orientation="h", x=1.0, xanchor="right", y=1.01,
+                      yanchor="bottom", thickness=12, lenmode="pixels", len=min(26 * E, 640), outlinewidth=0)))
+    tokens = [trace.tokens[batch][p] for p in pos]
+    generated = 0 < trace.prompt_length <= pos.max() if pos.size else False
+    fig.update_xaxes(**_token_axis(list(pos), tokens, "position (grey: generated)" if generated else "position",
+                                   trace.prompt_length if generated else None))
+    fig.update_yaxes(title="layer", autorange="reversed", showgrid=False,
+                     tickmode="array" if len(layers) <= 48 else "auto", tickvals=layers)
+    if generated:
+        fig.add_vline(x=trace.prompt_length - 0.5, line=dict(color="#222", dash="dot", width=2))
+    return _finish(fig, f"Token routing map: top-1 expert per layer and position (batch row {batch})",
+                   height=max(340, 200 + 22 * len(layers)), width=_width(160 + 24 * len(pos)),
+                   margin=dict(l=70, r=30, t=100, b=60))
+
+
+def _routed_tokens(trace, layer: int, batch: int):
+    """(positions, tokens, top-1 experts, hover texts) of the real tokens of a row at a layer."""
+    _check_routing(trace)
+    _check_batch(trace, batch)
+    L = trace.topk_experts.shape[0]
+    if not isinstance(layer, int) or not 0 <= layer < L:
+        raise ValueError(f"layer must be in [0, {L - 1}], got {layer!r}")
+    pos = _real_positions(trace, batch)
+    top1 = trace.topk_experts[layer, batch, pos, 0].cpu().numpy()
+    hover = _routing_hover(trace, batch, pos)[layer]
+    return pos, [trace.tokens[batch][p] for p in pos], top1, hover
+
+
+def _display_text(token: str) -> str:
+    """Token text as it reads in running text: tabs and carriage returns visible (⇥ ␍), each newline (raw or
+    escaped by the tokenizer) shown as ↵ followed by the newline itself."""
+    for escaped, raw in (("\\n", "\n"), ("\\r", "\r"), ("\\t", "\t")):
+        token = token.replace(escaped, raw)
+    return token.replace("\t", "⇥").replace("\r", "␍").replace("\n", "↵\n")
+
+
+def routed_text_html(trace, layer: int, batch: int = 0) -> str:
+    """The text of a row, each token on the colour of its top-1 expert at `layer` (HTML for ipywidgets.HTML
+    or a report); hovering a token shows its top-k experts, weights and margin."""
+    pos, tokens, top1, hover = _routed_tokens(trace, layer, batch)
+    spans = []
+    for p, tok, e, h in zip(pos, tokens, top1, hover):
+        color = expert_color(int(e))
+        tip = html.unescape(h.replace("<br>", "\n").replace("<b>", "").replace("</b>", ""))
+        cls = "tok gen" if p >= trace.prompt_length else "tok"
+        spans.append(f'<span class="{cls}" data-position="{p}" data-expert="{int(e)}" title="{html.escape(tip)}" '
+                     f'style="background:{color};color:{_text_color(color)}">{html.escape(_display_text(tok)) or "∅"}'
+                     f'</span>')
+    E = _n_experts(trace)
+    generated = "; dotted underline: generated" if pos.size and pos.max() >= trace.prompt_length else ""
+    legend = "".join(f'<span class="tok" title="expert {e}" style="background:{expert_color(e)};'
+                     f'color:{_text_color(expert_color(e))}">{e}</span>' for e in range(E))
+    return (f'<div class="dbrx-routed-text" style="font-family:{html.escape(MONO)};font-size:14px;line-height:1.9">'
+            f'<style>.dbrx-routed-text .tok{{white-space:pre-wrap;padding:2px 1px;margin:0 1px;border-radius:3px}}'
+            f'.dbrx-routed-text .gen{{text-decoration:underline dotted;text-underline-offset:4px}}</style>'
+            f'<div style="font-family:sans-serif;font-size:12px;color:#555;margin-bottom:6px">top-1 expert at '
+            f'layer {layer} (batch row {batch}{generated}) · experts: {legend}</div>' + "".join(spans) + "</div>")
+
+
+def routed_text(trace, layer: int, batch: int = 0, width: int = 80) -> go.Figure:
+    """The same coloured-text view as a figure: tokens wrapped at `width` characters, each a bar coloured by
+    its top-1 expert at `layer` (one legend entry per expert, click to hide); hover as in the routing map."""
+    pos, tokens, top1, hover = _routed_tokens(trace, layer, batch)
+    line, col, rows = 0, 0, []                              # (line, start column, length, text, expert, hover)
+    for tok, e, h in zip(tokens, top1, hover):
+        text = _display_text(tok)
+        breaks = text.count("\n")
+        text = text.replace("\n", "")
+        n = max(len(text), 1) + 1                           # one column of padding per token
+        if col and col + n > width:
+            line, col = line + 1, 0
+        rows.append((line, col, n, text, int(e), h))
+        col += n
+        if breaks:
+            line, col = line + breaks, 0
+    fig = go.Figure()
+    for e in sorted(set(int(x) for x in top1)):
+        mine = [r for r in rows if r[4] == e]
+        color = expert_color(e)
+        fig.add_trace(go.Bar(
+            orientation="h", y=[r[0] for r in mine], base=[r[1] for r in mine], x=[r[2] for r in mine],
+            text=[r[3] for r in mine], textposition="inside", insidetextanchor="middle", textangle=0,
+            textfont=dict(family=MONO, size=13, color=_text_color(color)),
+            marker=dict(color=color, line=dict(color="white", width=2)), name=f"expert {e}",
+            hovertext=[r[5] for r in mine], hoverinfo="text", width=0.86))
+    n_lines = line + 1
+    fig.update_xaxes(visible=False, range=[0, width])
+    fig.update_yaxes(visible=False, range=[n_lines - 0.5, -0.5])
+    return _finish(fig, f"Tokens coloured by top-1 expert at layer {layer} (batch row {batch})",
+                   barmode="overlay", uniformtext=dict(minsize=11, mode="show"), height=150 + 30 * n_lines,
+                   width=60 + 10 * width, plot_bgcolor="white", margin=dict(l=20, r=20, t=100, b=20),
+                   legend=dict(orientation="h", y=1.0, yanchor="bottom", x=0, entrywidth=78))
+
+
+# --- attention -----------------------------------------------------------------------------------
+def _attention(trace, layer: int, batch: int, max_tokens: int | None = None):
+    """(pattern [H_sel, Q, K] of real queries/keys, heads, query positions, key positions); with max_tokens,
+    only the last max_tokens real tokens (as queries and as keys)."""
+    if layer not in trace.attention:
+        raise ValueError(f"no attention recorded for layer {layer}; recorded layers: {sorted(trace.attention)} "
+                         f"(record it with Record(attention=[{layer}]))")
+    _check_batch(trace, batch)
+    real = trace.attention_mask[batch].cpu().numpy()
+    keys = np.flatnonzero(real)
+    if not keys.size:
+        raise ValueError(f"batch row {batch} has no real tokens")
+    if max_tokens is not None:
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r}")
+        keys = keys[-max_tokens:]
+    queries = (np.arange(trace.seq_len) if trace.attention_query_positions is None
+               else np.asarray(trace.attention_query_positions))
+    rows = np.flatnonzero(real[queries] & (queries >= keys[0]))
+    pattern = trace.attention[layer][batch].float().cpu().numpy()[:, rows][:, :, keys]   # [H_sel, Q, K]
+    heads = list(trace.attention_heads.get(layer, range(pattern.shape[0])))
+    return pattern, heads, queries[rows], keys
+
+
+def _shown(trace, batch: int, kpos: np.ndarray) -> str:
+    n = int(trace.attention_mask[batch].sum())
+    return f"{n} tokens" if len(kpos) == n else f"last {len(kpos)} of {n} tokens"
+
+
+def _position_labels(trace, batch: int, positions: np.ndarray) -> list[str]:
+    """Unique category labels "token·position" (plotly merges equal categories; the suffix keeps repeated
+    tokens apart), so hover can name tokens via %{x}/%{y} without a string per cell."""
+    tok = trace.tokens[batch]
+    return [f"{html.escape(readable_token(tok[p]))}·{p}" for p in positions]
+
+
+def _attention_trace(trace, batch: int, a: np.ndarray, qpos, kpos, head: int, **kwargs) -> go.Heatmap:
+    """Heatmap of one head's pattern a [Q, K] on token·position categories; hover: head, query, key, weight."""
+    return go.Heatmap(z=a, x=_position_labels(trace, batch, kpos), y=_position_labels(trace, batch, qpos),
+                      hovertemplate=f"head {head}<br>query %{{y}}<br>key %{{x}}<br>attention %{{z:.3f}}<extra></extra>",
+                      **kwargs)
+
+
+def attention_heatmap(trace, layer: int, head: int, batch: int = 0, max_tokens: int | None = None) -> go.Figure:
+    """Attention pattern of one head: query x key, labelled "token·position", real tokens only (with
+    max_tokens: the last max_tokens of them). Values are the recorded weights (0 above the diagonal)."""
+    pattern, heads, qpos, kpos = _attention(trace, layer, batch, max_tokens)
+    if head not in heads:
+        raise ValueError(f"head {head} not recorded at layer {layer}; recorded heads: {heads}")
+    fig = go.Figure(_attention_trace(trace, batch, pattern[heads.index(head)], qpos, kpos, head, zmin=0, zmax=1,
+                                     colorscale=SEQUENTIAL, colorbar=dict(title=dict(text="attention<br>weight"))))
+    ticks = dict(tickfont=dict(family=MONO, size=11), showgrid=False, type="category")
+    fig.update_xaxes(title="key (token·position)", tickangle=-60 if len(kpos) > 6 else 0, **ticks)
+    fig.update_yaxes(title="query (token·position)", autorange="reversed", **ticks)
+    side = max(420, min(900, 220 + 24 * len(kpos)))
+    return _finish(fig, f"Attention pattern: layer {layer}, head {head} (batch row {batch}, "
+                        f"{_shown(trace, batch, kpos)})",
+                   height=side, width=side + 120)
+
+
+def attention_grid(trace, layer: int, batch: int = 0, cols: int | None = None,
+                   max_tokens: int | None = None) -> go.Figure:
+    """Every recorded head of a layer side by side (one shared colour scale 0..1); hover names the tokens.
+    max_tokens: show only the last max_tokens real tokens (a grid holds heads x tokens^2 cells)."""
+    pattern, heads, qpos, kpos = _attention(trace, layer, batch, max_tokens)
+    H = len(heads)
+    cols = cols or min(H, 4 if H <= 16 else 8)
+    rows = math.ceil(H / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"head {h}" for h in heads],
+                        horizontal_spacing=0.02, vertical_spacing=min(0.06, 0.3 / rows))
+    for i, h in enumerate(heads):
+        fig.add_trace(_attention_trace(trace, batch, pattern[i], qpos, kpos, h, coloraxis="coloraxis"),
+                      row=i // cols + 1, col=i % cols + 1)
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, type="category")
+    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, type="category", autorange="reversed")
+    for c in range(1, cols + 1):
+        fig.update_xaxes(title_text="key", row=rows, col=c)
+    for r in range(1, rows + 1):
+        fig.update_yaxes(title_text="query", row=r, col=1)
+    panel = 220 if cols <= 4 else 150
+    return _finish(fig, f"Attention patterns of layer {layer}, all recorded heads (batch row {batch}, "
+                        f"{_shown(trace, batch, kpos)})",
+                   coloraxis=dict(colorscale=SEQUENTIAL, cmin=0, cmax=1,
+                                  colorbar=dict(title=dict(text="attention<br>weight"))),
+                   height=110 + rows * (panel + 30), width=min(1600, 140 + cols * (panel + 10)))
+
+
+# --- co-activation, repetition, specialization, cross-layer flow ----------------------------------
+def coactivation_heatmap(co, layer: int | None = None, value: str = "lift") -> go.Figure:
+    """Which experts are chosen together at a layer: expert i (row) x expert j (column) of `coactivation`.
+
+    value "lift" (P(j | i) / random baseline (k-1)/(E-1); midpoint 1) or "p_j_given_i" (midpoint: the
+    baseline). The diagonal is blank.
+    """
+    from .analysis import coactivation
+
+    if value not in ("lift", "p_j_given_i"):
+        raise ValueError(f"value must be 'lift' or 'p_j_given_i', got {value!r}")
+    df = _table(co, coactivation, ["layer", "expert_i", "expert_j", "p_j_given_i", "baseline", "lift"],
+                "coactivation_heatmap")
+    df, layer = _one_layer(df, layer)
+    E = int(max(df["expert_i"].max(), df["expert_j"].max())) + 1
+    z, hover = np.full((E, E), np.nan), [[f"expert {i} with itself" for _ in range(E)] for i in range(E)]
+    for r in df.itertuples(index=False):
+        z[r.expert_i, r.expert_j] = getattr(r, value)
+        hover[r.expert_i][r.expert_j] = (
+            f"layer {layer}<br>P(expert {r.expert_j} | expert {r.expert_i}) = {r.p_j_given_i:.3f}"
+            f"<br>random baseline {r.baseline:.3f} · lift {r.lift:.2f}<br>{r.count_both} of {r.count_i} tokens")
+    mid = 1.0 if value == "lift" else float(df["baseline"].iloc[0])
+    fig = go.Figure(_baseline_heatmap(z, mid, x=list(range(E)), y=list(range(E)), hovertext=hover,
+                                      colorbar=dict(title=dict(text=value.replace("_", " ")
+                                                               + f"<br>white = random<br>({mid:.3g})"))))
+    fig.update_xaxes(title="expert j (chosen too)", tickmode="linear", showgrid=False)
+    fig.update_yaxes(title="expert i (given)", tickmode="linear", autorange="reversed", showgrid=False,
+                     scaleanchor="x")
+    return _finish(fig, f"Expert co-activation at layer {layer}: P(j in top-k | i in top-k)"
+                        + (" / random" if value == "lift" else ""), height=560, width=640)
+
+
+_REPETITION_LABELS = {"same_top1": "same top-1 expert", "overlap": "top-k sets overlap",
+                      "jaccard": "Jaccard of top-k sets", "shared": "shared experts (count)"}
+_METRIC_COLORS = ["#2F3E55", "#6F86A8", "#A9B9CF", "#5E5E5E"]       # neutral: not expert colours
+
+
+def repetition_bars(rep, metrics: Sequence[str] = ("same_top1", "overlap", "jaccard")) -> go.Figure:
+    """Do consecutive tokens route alike? Bars per layer for each metric of `routing_repetition`, with a
+    dashed line at each metric's random baseline."""
+    from .analysis import routing_repetition
+
+    bad = [m for m in metrics if m not in _REPETITION_LABELS]
+    if bad or not metrics:
+        raise ValueError(f"metrics must be among {list(_REPETITION_LABELS)}, got {list(metrics)}")
+    df = _table(rep, routing_repetition, ["layer", "pairs", *metrics, *(f"baseline_{m}" for m in metrics)],
+                "repetition_bars")
+    fig = go.Figure()
+    layers = df["layer"].to_numpy()
+    for m, color in zip(metrics, _METRIC_COLORS):
+        base = float(df[f"baseline_{m}"].iloc[0])
+        fig.add_trace(go.Bar(
+            x=layers, y=df[m], name=_REPETITION_LABELS[m], marker_color=color, legendgroup=m,
+            customdata=np.stack([df["pairs"], df[m] / base], axis=-1),
+            hovertemplate=(f"layer %{{x}}<br>{_REPETITION_LABELS[m]}: %{{y:.3f}}<br>random baseline {base:.3f} "
+                           f"(%{{customdata[1]:.2f}}×)<br>%{{customdata[0]}} token pairs<extra></extra>")))
+        fig.add_trace(go.Scatter(
+            x=[layers.min() - 0.45, layers.max() + 0.45], y=[base, base], mode="lines", legendgroup=m,
+            line=dict(color=color, dash="dash", width=2.5), name=f"random: {base:.3f}",
+            hovertemplate=f"random baseline of {_REPETITION_LABELS[m]}: {base:.3f}<extra></extra>"))
+    fig.update_xaxes(title="layer", tickmode="linear" if len(layers) <= 48 else "auto")
+    fig.update_yaxes(title="share of consecutive token pairs" if "shared" not in metrics else "value")
+    return _finish(fig, "Consecutive-token routing repetition per layer vs random routing (dashed)",
+                   barmode="group", height=420, legend=dict(orientation="h", y=-0.2))
+
+
+def specialization_bars(spec, layer: int | None = None, value: str = "lift",
+                        domains: Sequence | None = None) -> go.Figure:
+    """Domain specialization at a layer: per domain, a bar per expert (in its colour) of `domain_specialization`.
+
+    value "lift" (share of the domain's tokens / share over all labelled tokens; 1 = average use) or
+    "lift_uniform" (share / (k/E); 1 = uniform router) or "share" (line at the uniform k/E).
+    """
+    if value not in ("lift", "lift_uniform", "share"):
+        raise ValueError(f"value must be 'lift', 'lift_uniform' or 'share', got {value!r}")
+    required = ["layer", "expert", "share", "baseline_share", "lift", "lift_uniform", "tokens", "count"]
+    if not isinstance(spec, pd.DataFrame) or not set(required) <= set(spec.columns):
+        raise ValueError(f"specialization_bars needs the table of analysis.domain_specialization (columns "
+                         f"{required} and the domain column); labels are not in a Trace")
+    df, layer = _one_layer(spec, layer)
+    by = next((c for c in df.columns if c not in required + ["share_all"]), None)
+    if by is None:
+        raise ValueError("the table has no domain column: build it with domain_specialization(source, by=...)")
+    all_domains = list(dict.fromkeys(df[by]))
+    domains = all_domains if domains is None else list(domains)
+    missing = [d for d in domains if d not in all_domains]
+    if missing:
+        raise ValueError(f"domains {missing} not in the table's {by!r} values {all_domains}")
+    fig = make_subplots(rows=len(domains), cols=1, shared_xaxes=True, vertical_spacing=0.05,
+                        subplot_titles=[f"{by} = {d}" for d in domains])
+    for r, d in enumerate(domains, start=1):
+        part = df[df[by] == d].sort_values("expert")
+        experts = part["expert"].to_numpy()
+        fig.add_trace(go.Bar(
+            x=experts, y=part[value], marker_color=[expert_color(int(e)) for e in experts],
+            marker_line=dict(color="#333", width=0.5), name=str(d), showlegend=False,
+            customdata=np.stack([part["share"], part["share_all"], part["baseline_share"], part["count"],
+                                 part["tokens"]], axis=-1),
+            hovertemplate=(f"{by} {html.escape(str(d))} · layer {layer} · expert %{{x}}<br>{value} %{{y:.2f}}"
+                           "<br>share of its tokens %{customdata[0]:.3f} (all domains %{customdata[1]:.3f}, "
+                           "uniform %{customdata[2]:.3f})<br>%{customdata[3]} of %{customdata[4]} tokens"
+                           "<extra></extra>")), row=r, col=1)
+        ref = float(part["baseline_share"].iloc[0]) if value == "share" else 1.0
+        fig.add_hline(y=ref, line=dict(color="#444", dash="dash", width=1), row=r, col=1)
+    fig.update_xaxes(tickmode="linear", showgrid=False)
+    fig.update_xaxes(title="expert", row=len(domains), col=1)
+    ylabel = {"lift": "lift vs all domains", "lift_uniform": "lift vs uniform", "share": "share of tokens"}[value]
+    fig.update_yaxes(title=ylabel)
+    return _finish(fig, f"Domain specialization at layer {layer}: {ylabel} (dashed: "
+                        f"{'uniform k/E' if value == 'share' else 'no specialization'})",
+                   height=120 + 170 * len(domains))
+
+
+def routing_sankey(flows, layers: Sequence[int] | None = None, min_count: int = 1) -> go.Figure:
+    """Cross-layer routing as a Sankey: nodes (layer, expert) in the expert's colour, links = tokens whose
+    top-1 expert goes from one to the other (`layer_transitions`, rank "top1", or computed for a source over
+    consecutive `layers`). Links below min_count tokens are dropped."""
+    from .analysis import layer_transitions
+
+    required = ["layer_a", "expert_a", "layer_b", "expert_b", "count", "share", "expected"]
+    if isinstance(flows, pd.DataFrame) and set(required) <= set(flows.columns):
+        df = flows
+        if layers is not None:
+            df = df[df["layer_a"].isin(layers) & df["layer_b"].isin(layers)]
+    else:
+        pairs = None if layers is None else list(zip(list(layers)[:-1], list(layers)[1:]))
+        df = _table(flows, layer_transitions, required, "routing_sankey", layer_pairs=pairs)
+    if df.empty:
+        raise ValueError(f"no transitions between the layers {layers}")
+    E = int(max(df["expert_a"].max(), df["expert_b"].max())) + 1
+    node_layers = sorted(set(df["layer_a"]) | set(df["layer_b"]))
+    index = {(l, e): i for i, (l, e) in enumerate((l, e) for l in node_layers for e in range(E))}
+    links = df[df["count"] >= min_count]
+    inflow = links.groupby(["layer_b", "expert_b"])["count"].sum()
+    outflow = links.groupby(["layer_a", "expert_a"])["count"].sum()
+    node_tokens = [int(outflow.get((l, e), inflow.get((l, e), 0))) for l in node_layers for e in range(E)]
+    fig = go.Figure(go.Sankey(
+        arrangement="snap",
+        node=dict(label=[f"L{l} e{e}" for l in node_layers for e in range(E)], pad=6, thickness=14,
+                  color=[expert_color(e) for _ in node_layers for e in range(E)], line=dict(color="#333", width=0.3),
+                  customdata=node_tokens, hovertemplate="%{label}: %{customdata} tokens<extra></extra>"),
+        link=dict(source=[index[(a, i)] for a, i in zip(links["layer_a"], links["expert_a"])],
+                  target=[index[(b, j)] for b, j in zip(links["layer_b"], links["expert_b"])],
+                  value=links["count"].tolist(), color=[_rgba(expert_color(int(e)), 0.4) for e in links["expert_a"]],
+                  customdata=np.stack([links["share"], links["expected"]], axis=-1),
+                  hovertemplate=("%{source.label} → %{target.label}: %{value} tokens<br>%{customdata[0]:.1%} of "
+                                 "the source's tokens (independent layers: %{customdata[1]:.1f})<extra></extra>"))))
+    return _finish(fig, f"Cross-layer routing of top-1 experts (layers {node_layers[0]}–{node_layers[-1]}, link "
+                        f"width = tokens)", height=max(420, 24 * E + 120),
+                   width=min(1600, max(900, 300 * len(node_layers))))
+
+
+# --- interventions -------------------------------------------------------------------------------
+def ablation_impact(impact: pd.DataFrame) -> go.Figure:
+    """Ablation impact matrix: layer x expert heatmap of the loss change when the expert alone is ablated,
+    the output of `analysis.ablation_sweep` (index layer, columns expert, nats per token; attrs mode,
+    baseline_loss). Red: the loss rises without the expert; the colour scale is symmetric around 0."""
+    if not isinstance(impact, pd.DataFrame) or impact.empty or not all(
+            pd.api.types.is_number(v) for v in [*impact.index, *impact.columns]):
+        raise ValueError("ablation_impact needs analysis.ablation_sweep's layer x expert DataFrame "
+                         "(index: layers, columns: experts, values: loss change in nats per token)")
+    z = impact.to_numpy(dtype=float)
+    base, mode = impact.attrs.get("baseline_loss"), impact.attrs.get("mode", "ablation")
+    rel = (lambda d: f" ({d / base:+.1%} of the baseline {base:.3f})") if base else (lambda d: "")
+    hover = [[f"{mode}: layer {l} · expert {e}<br>Δ loss {z[i, j]:+.4f} nats/token{rel(z[i, j])}"
+              for j, e in enumerate(impact.columns)] for i, l in enumerate(impact.index)]
+    lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() and np.nanmax(np.abs(z)) > 0 else 1.0
+    fig = go.Figure(go.Heatmap(z=z, x=list(impact.columns), y=list(impact.index), zmid=0, zmin=-lim, zmax=lim,
+                               colorscale=DIVERGING, hovertext=hover, hoverinfo="text", xgap=1, ygap=1,
+                               colorbar=dict(title=dict(text="Δ loss<br>(nats/token)"))))
+    fig.update_xaxes(title="expert", tickmode="array", tickvals=list(impact.columns), showgrid=False)
+    fig.update_yaxes(title="layer", autorange="reversed", showgrid=False)
+    n = impact.attrs.get("n_targets")
+    return _finish(fig, f"Ablation impact ({mode}): change in loss when one expert is ablated (nats per token"
+                        + (f", {n} predicted tokens)" if n else ")"), height=max(360, 90 + 26 * len(impact.index)))
+
+
+def generation_diff(result) -> go.Figure:
+    """Baseline vs intervened generation: both token sequences aligned by step (cells where they differ
+    highlighted) above the per-step KL(baseline || intervened) in nats, the first divergence marked.
+
+    result: `analysis.compare_generations(...)` (a GenerationComparison; its `per_step` has step,
+    baseline_token, ablated_token, kl, top_token_changed; `first_divergence` is a step or None).
+    """
+    steps = getattr(result, "per_step", None)
+    need = ["step", "baseline_token", "ablated_token", "kl", "top_token_changed"]
+    if not isinstance(steps, pd.DataFrame) or not set(need) <= set(steps.columns):
+        raise ValueError(f"generation_diff needs compare_generations' result (per_step with columns {need})")
+    first = result.first_divergence
+    step = steps["step"].to_numpy()
+    base = ["" if pd.isna(t) else str(t) for t in steps["baseline_token"]]         # missing: that run stopped
+    abl = ["" if pd.isna(t) else str(t) for t in steps["ablated_token"]]
+    differs = np.array([a != b for a, b in zip(base, abl)])
+    changed = steps["top_token_changed"].fillna(False).to_numpy(bool)
+    kl = steps["kl"].to_numpy(float)
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.3, 0.7], vertical_spacing=0.1,
+                        subplot_titles=["generated tokens (orange: the two runs differ)",
+                                        "KL(baseline ‖ intervened) of the next-token distributions"])
+    cell = lambda t: readable_token(t, 8) if t else "—"                                   # noqa: E731
+    hover = [f"step {s}<br>baseline <b>{html.escape(cell(b))}</b><br>intervened <b>{html.escape(cell(a))}</b>"
+             + (f"<br>KL {k:.4f} nats" if np.isfinite(k) else "<br>KL n/a (the baseline had stopped)")
+             + ("<br>top token changed" if c else "")
+             for s, b, a, k, c in zip(step, base, abl, kl, changed)]
+    fig.add_trace(go.Heatmap(z=np.stack([differs, differs]).astype(float), x=step, y=["baseline", "intervened"],
+                             text=[[cell(t) for t in base], [cell(t) for t in abl]], texttemplate="%{text}",
+                             textfont=dict(family=MONO, size=12), zmin=0, zmax=1, showscale=False,
+                             colorscale=[[0, "#EEEEEE"], [1, "#F4A582"]], xgap=2, ygap=2,
+                             hovertext=[hover, hover], hoverinfo="text"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=step, y=kl, mode="lines+markers", name="KL", line=dict(color="#2F3E55"),
+                             marker=dict(color=np.where(changed, "#CA0020", "#2F3E55"), size=8),
+                             hovertext=hover, hoverinfo="text"), row=2, col=1)
+    if first is not None:
+        fig.add_vline(x=first, line=dict(color="#CA0020", dash="dot", width=2), row=2, col=1,
+                      annotation_text=f"first divergence (step {first})", annotation_position="top right",
+                      annotation_font_color="#CA0020")
+    fig.update_yaxes(autorange="reversed", showgrid=False, row=1, col=1)
+    fig.update_yaxes(title="KL (nats)", rangemode="tozero", exponentformat="e", row=2, col=1)
+    fig.update_xaxes(title="generation step (red markers: the top token changed)", row=2, col=1)
+    fig.update_xaxes(showgrid=False, row=1, col=1)
+    return _finish(fig, "Generation diff: baseline vs intervened", showlegend=False, height=460,
+                   width=_width(160 + 64 * len(step)))
+
+
+def routing_cascade(result) -> go.Figure:
+    """How an intervention's routing change cascades: layer x position heatmap of `compare_generations`'
+    `cascade` (share of each token's top-k experts that changed, teacher-forced on the baseline tokens);
+    a dotted line where generated tokens start."""
+    cascade = getattr(result, "cascade", None)
+    need = ["layer", "position", "changed_fraction", "jaccard", "top1_changed"]
+    if not isinstance(cascade, pd.DataFrame) or not set(need) <= set(cascade.columns) or cascade.empty:
+        raise ValueError(f"routing_cascade needs compare_generations' result (cascade with columns {need})")
+    grid = cascade.pivot(index="layer", columns="position", values="changed_fraction")
+    jac = cascade.pivot(index="layer", columns="position", values="jaccard").to_numpy(float)
+    top1 = cascade.pivot(index="layer", columns="position", values="top1_changed").to_numpy(bool)
+    z = grid.to_numpy(float)
+    generated = {int(p): str(t) for p, t in zip(result.per_step["position"], result.per_step["baseline_token"])
+                 if not pd.isna(t)}
+    prompt_length = len(result.prompt_ids)
+
+    def where(p: int) -> str:
+        return (f"generated <b>{html.escape(readable_token(generated[p], 40))}</b>" if p in generated
+                else "prompt" if p < prompt_length else "")
+
+    hover = [[f"layer {l} · position {p} ({where(p)})<br>{z[i, j]:.0%} of the top-k changed · Jaccard "
+              f"{jac[i, j]:.2f}" + ("<br>top-1 expert changed" if top1[i, j] else "")
+              for j, p in enumerate(grid.columns)] for i, l in enumerate(grid.index)]
+    fig = go.Figure(go.Heatmap(z=z, x=list(grid.columns), y=list(grid.index), zmin=0, zmax=1, colorscale="Reds",
+                               xgap=1, ygap=1, hovertext=hover, hoverinfo="text",
+                               colorbar=dict(title=dict(text="share of<br>top-k<br>changed"))))
+    fig.add_vline(x=prompt_length - 0.5, line=dict(color="#222", dash="dot", width=2))
+    fig.update_xaxes(title="position (right of the dotted line: generated)", showgrid=False)
+    fig.update_yaxes(title="layer", autorange="reversed", showgrid=False)
+    return _finish(fig, "Routing cascade: how much each token's top-k changed under the intervention",
+                   height=max(300, 120 + 26 * len(grid.index)), width=_width(160 + 16 * len(grid.columns)))

@@ -1,0 +1,771 @@
+"""Record what a forward pass or a generation does (routing, attention, expert norms, activations) as a Trace.
+
+A `Record` says what to keep; `run_with_trace` / `generate_with_trace` attach recorder hooks with
+`model.hooks(...)` (always removed) that copy each kept tensor to CPU, in the Record's dtype, the moment
+it is produced; the result is a `Trace` of CPU tensors shaped [layer, batch, position, ...].
+
+Shapes: L layers, B batch, T positions (absolute columns of the padded sequence), E experts,
+k experts per token, H heads, Q recorded query positions, d d_model.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .config import DbrxConfig
+    from .model import DbrxLM, DbrxOutput
+
+__all__ = ["Record", "Trace", "AttentionBudgetError", "run_with_trace", "generate_with_trace", "FORMAT_VERSION"]
+
+FORMAT_NAME = "dbrx_lab.trace"
+FORMAT_VERSION = 1
+
+_FFN_TOKEN_HOOKS = ("hook_router_logits", "hook_topk_experts", "hook_topk_weights", "hook_expert_out",
+                    "hook_expert_hidden_norm")           # [N, ...] with N = B*T
+_HEAD_FIRST_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_pattern")   # [B, heads, T, ...]
+_KEY_DIM_FILL = {"hook_scores": float("-inf"), "hook_pattern": 0.0}                 # last dim: keys
+
+
+class AttentionBudgetError(ValueError, MemoryError):
+    """The attention patterns a Record asks for would exceed its `max_attention_bytes`."""
+
+
+def _format_bytes(n: float) -> str:
+    return f"{n / 1024 ** 3:.2f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.2f} MiB"
+
+
+def _int_list(name: str, value, allow_true: bool = False):
+    """None / True / an int / a sequence of ints -> None / True / tuple of ints (no duplicates)."""
+    if value is None or (allow_true and value is True):
+        return value
+    if value is False and allow_true:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple, range)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        expected = "True, an int or a list of ints" if allow_true else "None, an int or a list of ints"
+        raise ValueError(f"Record.{name} must be {expected}, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"Record.{name} has duplicates: {list(value)}")
+    return tuple(value)
+
+
+def _check_range(label: str, values: Sequence[int], n: int) -> None:
+    bad = [v for v in values if not 0 <= v < n]
+    if bad:
+        raise ValueError(f"{label} {bad} out of range [0, {n - 1}]")
+
+
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Record:
+    """What a trace keeps.
+
+    router: router logits [L,B,T,E], top-k experts and applied weights [L,B,T,k] for every layer (float32).
+    attention: True (the layers in `layers`, default all) or a list of layers; patterns [B, H_sel, Q_sel, T].
+    experts: L2 norms of each chosen expert's unweighted output and of its GLU hidden, [L,B,T,k], all layers.
+    layers: the layers `attention=True` and `residuals=True` mean (None = all).
+    heads: attention heads to keep (None = all); query_positions: query rows to keep (None = all T).
+    residuals: True (the layers in `layers`) or a list of layers: blocks.{i}.hook_resid_pre/mid/post [B,T,d].
+    hooks: extra hook names or globs to keep in `trace.activations`, reshaped to [B, T, ...].
+    dtype: dtype of attention, expert norms and activations (router data is always float32 / long).
+    max_attention_bytes: refuse an attention capture estimated above this many bytes.
+    """
+
+    router: bool = True
+    attention: bool | Sequence[int] = False
+    experts: bool = False
+    layers: Sequence[int] | None = None
+    heads: Sequence[int] | None = None
+    query_positions: Sequence[int] | None = None
+    residuals: bool | Sequence[int] = False
+    hooks: Sequence[str] = ()
+    dtype: torch.dtype = torch.float32
+    max_attention_bytes: int = 2 * 1024 ** 3
+
+    def __post_init__(self) -> None:
+        for name in ("router", "experts"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Record.{name} must be True or False, got {getattr(self, name)!r}")
+        set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731 (frozen dataclass)
+        set_("attention", _int_list("attention", self.attention, allow_true=True))
+        set_("residuals", _int_list("residuals", self.residuals, allow_true=True))
+        for name in ("layers", "heads", "query_positions"):
+            set_(name, _int_list(name, getattr(self, name)))
+        hooks = (self.hooks,) if isinstance(self.hooks, str) else tuple(self.hooks)
+        if not all(isinstance(h, str) for h in hooks):
+            raise ValueError(f"Record.hooks must be hook names or globs (strings), got {self.hooks!r}")
+        set_("hooks", hooks)
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise ValueError(f"Record.dtype must be a floating torch dtype (e.g. torch.float32, torch.bfloat16), "
+                             f"got {self.dtype!r}")
+        if not isinstance(self.max_attention_bytes, (int, float)) or self.max_attention_bytes <= 0:
+            raise ValueError(f"Record.max_attention_bytes must be > 0, got {self.max_attention_bytes!r}")
+
+    # --- resolving against a model ---------------------------------------------------------------
+    def attention_layers(self, config: "DbrxConfig") -> list[int]:
+        """The layers whose attention patterns are kept."""
+        if self.attention is None:
+            return []
+        layers = self.attention if self.attention is not True else (self.layers or range(config.n_layers))
+        layers = list(layers)
+        _check_range(f"Record.{'attention' if self.attention is not True else 'layers'}: layers", layers,
+                     config.n_layers)
+        return layers
+
+    def residual_layers(self, config: "DbrxConfig") -> list[int]:
+        if self.residuals is None:
+            return []
+        layers = list(self.residuals if self.residuals is not True else (self.layers or range(config.n_layers)))
+        _check_range(f"Record.{'residuals' if self.residuals is not True else 'layers'}: layers", layers,
+                     config.n_layers)
+        return layers
+
+    def validate(self, config: "DbrxConfig", seq_len: int | None = None) -> None:
+        """Check layers, heads and query positions against a model config and sequence length."""
+        if self.layers is not None:
+            _check_range("Record.layers: layers", self.layers, config.n_layers)
+        self.attention_layers(config)
+        self.residual_layers(config)
+        if self.heads is not None:
+            _check_range("Record.heads: heads", self.heads, config.n_heads)
+        if self.query_positions is not None and seq_len is not None:
+            _check_range("Record.query_positions: positions", self.query_positions, seq_len)
+
+    def estimate_attention_bytes(self, config: "DbrxConfig", batch: int, seq_len: int) -> int:
+        """Bytes of attention patterns this Record would hold: layers x batch x heads x queries x seq_len x itemsize."""
+        n_layers = len(self.attention_layers(config))
+        heads = config.n_heads if self.heads is None else len(self.heads)
+        queries = seq_len if self.query_positions is None else len(self.query_positions)
+        return n_layers * batch * heads * queries * seq_len * self.dtype.itemsize
+
+    def check_budget(self, config: "DbrxConfig", batch: int, seq_len: int) -> int:
+        """The estimate, or AttentionBudgetError with the estimate and how to narrow the capture."""
+        need = self.estimate_attention_bytes(config, batch, seq_len)
+        if need > self.max_attention_bytes:
+            n_layers = len(self.attention_layers(config))
+            heads = config.n_heads if self.heads is None else len(self.heads)
+            queries = seq_len if self.query_positions is None else len(self.query_positions)
+            raise AttentionBudgetError(
+                f"recording attention would hold ~{_format_bytes(need)} ({n_layers} layers x batch {batch} x "
+                f"{heads} heads x {queries} query positions x {seq_len} keys x {self.dtype.itemsize} bytes), over "
+                f"max_attention_bytes={_format_bytes(self.max_attention_bytes)}. Narrow it: fewer layers "
+                f"(attention=[...]), fewer heads (heads=[...]), fewer query positions (query_positions=[...]), "
+                f"a smaller dtype (dtype=torch.bfloat16), a shorter/smaller batch, or raise max_attention_bytes.")
+        return need
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        d["dtype"] = str(self.dtype).removeprefix("torch.")
+        return d
+
+
+# ------------------------------------------------------------------------------------------------
+@dataclass(eq=False, repr=False)
+class Trace:
+    """What a model did on a batch: CPU tensors shaped [layer, batch, position, ...] (see design.md)."""
+
+    input_ids: torch.Tensor                       # [B, T] long
+    attention_mask: torch.Tensor                  # [B, T] bool, True = real token
+    tokens: list[list[str]]                       # per row, readable string per token
+    router_logits: torch.Tensor | None = None     # [L, B, T, E] float32 raw logits
+    topk_experts: torch.Tensor | None = None      # [L, B, T, k] long, descending weight, as applied
+    topk_weights: torch.Tensor | None = None      # [L, B, T, k] float32 applied weights
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)    # layer -> [B, H_sel, Q_sel, T]
+    attention_heads: dict[int, list[int]] = field(default_factory=dict)  # layer -> head indices kept
+    attention_query_positions: list[int] | None = None                  # None = all T
+    expert_output_norm: torch.Tensor | None = None    # [L, B, T, k]
+    expert_hidden_norm: torch.Tensor | None = None    # [L, B, T, k]
+    activations: dict[str, torch.Tensor] = field(default_factory=dict)   # hook name -> [B, T, ...]
+    prompt_length: int = 0                        # T for a forward; prompt columns for a generation
+    metadata: dict = field(default_factory=dict)
+
+    # --- shape properties ------------------------------------------------------------------------
+    def _routing(self) -> torch.Tensor | None:
+        return next((t for t in (self.topk_experts, self.router_logits, self.expert_output_norm)
+                     if t is not None), None)
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def n_layers(self) -> int:
+        t = self._routing()
+        return t.shape[0] if t is not None else self.metadata.get("config", {}).get("n_layers", 0)
+
+    @property
+    def n_experts(self) -> int | None:
+        if self.router_logits is not None:
+            return self.router_logits.shape[-1]
+        return self.metadata.get("config", {}).get("moe_num_experts", self.metadata.get("n_experts"))
+
+    @property
+    def top_k(self) -> int | None:
+        if self.topk_experts is not None:
+            return self.topk_experts.shape[-1]
+        return self.metadata.get("config", {}).get("moe_top_k")
+
+    @property
+    def router_probs(self) -> torch.Tensor | None:
+        """[L, B, T, E] float32 softmax of the raw router logits."""
+        return None if self.router_logits is None else torch.softmax(self.router_logits.float(), dim=-1)
+
+    @property
+    def is_generated(self) -> torch.Tensor:
+        """[B, T] bool: the column was generated (at or after prompt_length)."""
+        return (torch.arange(self.seq_len) >= self.prompt_length).expand(self.batch_size, -1)
+
+    def __repr__(self) -> str:
+        parts = [f"batch={self.batch_size}", f"seq_len={self.seq_len}", f"prompt_length={self.prompt_length}"]
+        for name in ("router_logits", "topk_experts", "topk_weights", "expert_output_norm", "expert_hidden_norm"):
+            t = getattr(self, name)
+            if t is not None:
+                parts.append(f"{name}={list(t.shape)}")
+        if self.attention:
+            parts.append("attention={" + ", ".join(f"{k}: {list(v.shape)}" for k, v in self.attention.items()) + "}")
+        if self.activations:
+            parts.append(f"activations={list(self.activations)}")
+        return "Trace(" + ", ".join(parts) + ")"
+
+    # --- construction from crafted tensors -------------------------------------------------------
+    @classmethod
+    def from_routing(cls, topk_experts: torch.Tensor, topk_weights: torch.Tensor | None = None,
+                     router_logits: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                     tokens: list[list[str]] | None = None, attention_mask: torch.Tensor | None = None,
+                     n_experts: int | None = None) -> "Trace":
+        """A Trace from hand-made routing (tests, synthetic data).
+
+        topk_experts [L, B, T, k] integer; topk_weights [L, B, T, k] (default: the router softmax over the
+        chosen experts renormalised to sum 1 when router_logits [L, B, T, E] is given, else 1/k);
+        input_ids [B, T] (default zeros); tokens (default str(id)); attention_mask [B, T] (default all real);
+        n_experts (default E of router_logits, else max expert + 1).
+        """
+        experts = torch.as_tensor(topk_experts)
+        if experts.ndim != 4 or experts.dtype.is_floating_point or experts.dtype == torch.bool:
+            raise ValueError(f"topk_experts must be an integer tensor [L, B, T, k], got "
+                             f"{tuple(experts.shape)} {experts.dtype}")
+        experts = experts.long().cpu()
+        L, B, T, k = experts.shape
+        logits = None
+        if router_logits is not None:
+            logits = torch.as_tensor(router_logits).float().cpu()
+            if logits.shape[:3] != (L, B, T):
+                raise ValueError(f"router_logits must be [L, B, T, E] = [{L}, {B}, {T}, E], got {tuple(logits.shape)}")
+            n_experts = logits.shape[-1] if n_experts is None else n_experts
+            if n_experts != logits.shape[-1]:
+                raise ValueError(f"n_experts={n_experts} but router_logits has {logits.shape[-1]} experts")
+        if n_experts is None:
+            n_experts = int(experts.max()) + 1 if experts.numel() else k
+        if experts.numel() and not (0 <= int(experts.min()) and int(experts.max()) < n_experts):
+            raise ValueError(f"topk_experts has ids outside [0, {n_experts - 1}]")
+        if topk_weights is None:
+            if logits is not None:
+                w = torch.softmax(logits, -1).gather(-1, experts)
+                weights = w / w.sum(-1, keepdim=True)
+            else:
+                weights = torch.full((L, B, T, k), 1.0 / k)
+        else:
+            weights = torch.as_tensor(topk_weights).float().cpu()
+            if weights.shape != experts.shape:
+                raise ValueError(f"topk_weights must match topk_experts {tuple(experts.shape)}, got "
+                                 f"{tuple(weights.shape)}")
+        ids = torch.zeros(B, T, dtype=torch.long) if input_ids is None else torch.as_tensor(input_ids).long().cpu()
+        mask = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else \
+            torch.as_tensor(attention_mask).bool().cpu()
+        for name, t in (("input_ids", ids), ("attention_mask", mask)):
+            if t.shape != (B, T):
+                raise ValueError(f"{name} must be [B, T] = [{B}, {T}], got {tuple(t.shape)}")
+        if tokens is None:
+            tokens = [[str(i) for i in row] for row in ids.tolist()]
+        if len(tokens) != B or any(len(row) != T for row in tokens):
+            raise ValueError(f"tokens must be {B} lists of {T} strings")
+        return cls(input_ids=ids, attention_mask=mask, tokens=[list(r) for r in tokens], router_logits=logits,
+                   topk_experts=experts, topk_weights=weights, prompt_length=T,
+                   metadata={"source": "from_routing", "n_experts": n_experts, **_version_stamp()})
+
+    # --- tables ----------------------------------------------------------------------------------
+    def to_frame(self, layers: Sequence[int] | None = None, include_padding: bool = False) -> "pd.DataFrame":
+        """One row per (batch, position, layer, rank) of the routing, ordered that way.
+
+        Columns: batch, position, layer, rank, token_id, token, expert, weight, prob, logit,
+        is_padding (only with include_padding), is_generated. prob/logit are NaN without router logits.
+        """
+        import numpy as np
+        import pandas as pd
+
+        if self.topk_experts is None:
+            raise ValueError("this trace has no routing; record it with Record(router=True)")
+        L, B, T, k = self.topk_experts.shape
+        layer_idx = list(range(L)) if layers is None else list(_int_list("layers", layers))
+        _check_range("layers", layer_idx, L)
+        experts = self.topk_experts[layer_idx].permute(1, 2, 0, 3)                  # [B, T, L_sel, k]
+        weights = (self.topk_weights[layer_idx].permute(1, 2, 0, 3).float() if self.topk_weights is not None
+                   else torch.full(experts.shape, float("nan")))
+        if self.router_logits is not None:
+            logits = self.router_logits[layer_idx].permute(1, 2, 0, 3).float()       # [B, T, L_sel, E]
+            safe = experts.clamp(min=0)
+            logit = logits.gather(-1, safe)
+            prob = torch.softmax(logits, -1).gather(-1, safe)
+        else:
+            logit = prob = torch.full(experts.shape, float("nan"))
+        shape = experts.shape
+        grid = [g.reshape(-1).numpy() for g in torch.meshgrid(
+            *(torch.arange(n) for n in shape), indexing="ij")]                       # batch, pos, layer-idx, rank
+        keep = experts.reshape(-1) >= 0                                              # -1 pads a smaller top-k
+        real = self.attention_mask[:, :, None, None].expand(shape).reshape(-1)
+        if not include_padding:
+            keep &= real
+        keep = keep.numpy()
+        b, t = grid[0][keep], grid[1][keep]
+        token_table = np.empty((B, T), dtype=object)
+        token_table[:] = [list(r) for r in self.tokens]
+        df = pd.DataFrame({
+            "batch": b,
+            "position": t,
+            "layer": np.asarray(layer_idx, dtype=np.int64)[grid[2][keep]],
+            "rank": grid[3][keep],
+            "token_id": self.input_ids.numpy()[b, t],
+            "token": token_table[b, t],
+            "expert": experts.reshape(-1).numpy()[keep],
+            "weight": weights.reshape(-1).numpy()[keep],
+            "prob": prob.reshape(-1).numpy()[keep],
+            "logit": logit.reshape(-1).numpy()[keep],
+        })
+        if include_padding:
+            df["is_padding"] = ~real.numpy()[keep]
+        df["is_generated"] = t >= self.prompt_length
+        return df
+
+    # --- sub-traces and comparison ---------------------------------------------------------------
+    def select(self, batch: int | Sequence[int] | slice) -> "Trace":
+        """The sub-trace of some batch rows (an int keeps the batch dimension, size 1)."""
+        rows = list(range(self.batch_size))
+        if isinstance(batch, slice):
+            idx = rows[batch]
+        else:
+            idx = list(_int_list("batch", batch))
+            bad = [i for i in idx if not -self.batch_size <= i < self.batch_size]
+            if bad:
+                raise ValueError(f"batch rows {bad} out of range [0, {self.batch_size - 1}]")
+            idx = [rows[i] for i in idx]
+        ix = torch.tensor(idx, dtype=torch.long)
+        pick = lambda t, dim: None if t is None else t.index_select(dim, ix)  # noqa: E731
+        return dataclasses.replace(
+            self, input_ids=pick(self.input_ids, 0), attention_mask=pick(self.attention_mask, 0),
+            tokens=[list(self.tokens[i]) for i in idx], router_logits=pick(self.router_logits, 1),
+            topk_experts=pick(self.topk_experts, 1), topk_weights=pick(self.topk_weights, 1),
+            attention={l: pick(a, 0) for l, a in self.attention.items()},
+            attention_heads={l: list(h) for l, h in self.attention_heads.items()},
+            expert_output_norm=pick(self.expert_output_norm, 1), expert_hidden_norm=pick(self.expert_hidden_norm, 1),
+            activations={n: pick(a, 0) for n, a in self.activations.items()}, metadata=dict(self.metadata))
+
+    def differences(self, other: "Trace", rtol: float = 1e-5, atol: float = 1e-5) -> list[str]:
+        """What differs from `other` (empty if all tensors match within tolerance; metadata ignored)."""
+        out: list[str] = []
+        if self.tokens != other.tokens:
+            out.append("tokens")
+        if self.prompt_length != other.prompt_length:
+            out.append(f"prompt_length {self.prompt_length} != {other.prompt_length}")
+        if self.attention_heads != other.attention_heads:
+            out.append("attention_heads")
+        if self.attention_query_positions != other.attention_query_positions:
+            out.append("attention_query_positions")
+        mine, theirs = self._tensors(), other._tensors()
+        for name in sorted(set(mine) | set(theirs)):
+            a, b = mine.get(name), theirs.get(name)
+            if a is None or b is None:
+                out.append(f"{name}: only in {'self' if b is None else 'other'}")
+            elif a.shape != b.shape:
+                out.append(f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}")
+            elif not a.is_floating_point():
+                if not torch.equal(a, b):
+                    out.append(f"{name}: {int((a != b).sum())} entries differ")
+            elif not torch.allclose(a.float(), b.float(), rtol=rtol, atol=atol, equal_nan=True):
+                diff = (a.float() - b.float()).abs().nan_to_num(posinf=float("inf"))
+                out.append(f"{name}: max abs difference {float(diff.max()):.3g}")
+        return out
+
+    def allclose(self, other: "Trace", rtol: float = 1e-5, atol: float = 1e-5) -> bool:
+        return not self.differences(other, rtol=rtol, atol=atol)
+
+    # --- save / load -----------------------------------------------------------------------------
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        t = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        for name in ("router_logits", "topk_experts", "topk_weights", "expert_output_norm", "expert_hidden_norm"):
+            if getattr(self, name) is not None:
+                t[name] = getattr(self, name)
+        t.update({f"attention.{layer}": a for layer, a in self.attention.items()})
+        t.update({f"activations.{name}": a for name, a in self.activations.items()})
+        return t
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write one safetensors file (tensors + a JSON header with the format version and a checksum).
+
+        The file is written next to `path` under a temporary name and renamed into place, so `path` is
+        either the complete new trace or untouched.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {name: t.detach().cpu().contiguous().clone() for name, t in self._tensors().items()}
+        info = {"tokens": self.tokens, "prompt_length": self.prompt_length,
+                "attention_heads": {str(k): v for k, v in self.attention_heads.items()},
+                "attention_query_positions": self.attention_query_positions, "metadata": self.metadata}
+        header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+                  "trace": json.dumps(info, default=repr), "sha256": _checksum(tensors)}
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata=header)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Trace":
+        """Read a file written by `save`; ValueError for another format version or a damaged file."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no trace file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                if header.get("format") != FORMAT_NAME:
+                    raise ValueError(f"{path} is not a dbrx_lab trace file (no '{FORMAT_NAME}' header)")
+                version = header.get("format_version")
+                if version != str(FORMAT_VERSION):
+                    raise ValueError(f"{path} is a trace of format version {version}; this dbrx_lab reads version "
+                                     f"{FORMAT_VERSION} (re-record it, or load it with a matching dbrx_lab)")
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except ValueError:
+            raise
+        except Exception as err:  # safetensors raises its own error type for a truncated or corrupt file
+            raise ValueError(f"{path} is damaged or truncated and cannot be read as a trace: {err}") from None
+        if _checksum(tensors) != header.get("sha256"):
+            raise ValueError(f"{path} is damaged: its tensor data does not match the checksum in its header")
+        try:
+            info = json.loads(header["trace"])
+        except (KeyError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is damaged: unreadable trace header ({err})") from None
+        return cls(
+            input_ids=tensors.pop("input_ids"), attention_mask=tensors.pop("attention_mask"), tokens=info["tokens"],
+            router_logits=tensors.pop("router_logits", None), topk_experts=tensors.pop("topk_experts", None),
+            topk_weights=tensors.pop("topk_weights", None),
+            expert_output_norm=tensors.pop("expert_output_norm", None),
+            expert_hidden_norm=tensors.pop("expert_hidden_norm", None),
+            attention={int(n.split(".", 1)[1]): t for n, t in tensors.items() if n.startswith("attention.")},
+            attention_heads={int(k): v for k, v in info["attention_heads"].items()},
+            attention_query_positions=info["attention_query_positions"],
+            activations={n.split(".", 1)[1]: t for n, t in tensors.items() if n.startswith("activations.")},
+            prompt_length=info["prompt_length"], metadata=info["metadata"])
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _version_stamp() -> dict[str, str]:
+    from . import __version__
+
+    return {"dbrx_lab_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+# ------------------------------------------------------------------------------------------------
+class Recorder:
+    """Hook functions that copy what a Record asks for into CPU buffers with `total_len` position columns.
+
+    Each hook maps its tensor to [B, t, ...] and writes it at the columns of the current call
+    (`ctx.positions`; a tensor covering fewer positions than the call, like hook_final with last_only,
+    covers the last ones). Decode steps therefore fill one column each.
+    """
+
+    def __init__(self, model: "DbrxLM", record: Record, batch: int, total_len: int) -> None:
+        cfg = model.config
+        record.validate(cfg, total_len)
+        record.check_budget(cfg, batch, total_len)
+        self.model, self.record, self.B, self.total = model, record, batch, total_len
+        self.L = cfg.n_layers
+        self.dtype = record.dtype
+        self.per_layer: dict[str, list[torch.Tensor | None]] = {}   # field -> per layer [B, total, ...]
+        self.activations: dict[str, torch.Tensor] = {}              # hook name -> [B, total, ...]
+        self.attn_layers = record.attention_layers(cfg)
+        self.heads = list(range(cfg.n_heads)) if record.heads is None else list(record.heads)
+        self.queries = record.query_positions
+        self.query_row = None if self.queries is None else {p: i for i, p in enumerate(self.queries)}
+        n_q = total_len if self.queries is None else len(self.queries)
+        self.attention = {l: torch.zeros(batch, len(self.heads), n_q, total_len, dtype=self.dtype)
+                          for l in self.attn_layers}
+        self.activation_names: list[str] = []
+        for layer in record.residual_layers(cfg):
+            self.activation_names += [f"blocks.{layer}.hook_resid_{w}" for w in ("pre", "mid", "post")]
+        for selector in record.hooks:
+            self.activation_names += model.resolve_hook_names(selector)
+        self.activation_names = list(dict.fromkeys(self.activation_names))
+        self.call_stop = 0                                          # columns [stop - T, stop) in this call
+        self.active = True
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Ignore forwards run meanwhile (e.g. by a callback) so they cannot write into the buffers."""
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
+
+    # --- hook functions --------------------------------------------------------------------------
+    def hooks(self) -> list[tuple[str, Callable]]:
+        """(name, fn) pairs for model.hooks(); each fn is a no-op while paused."""
+        hooks: list[tuple[str, Callable]] = [("hook_embed", self._on_embed)]
+        for i in range(self.L):
+            f = f"blocks.{i}.ffn."
+            if self.record.router:
+                hooks += [(f + "hook_router_logits", self._layer_writer("router_logits", torch.float32)),
+                          (f + "hook_topk_experts", self._layer_writer("topk_experts", torch.long)),
+                          (f + "hook_topk_weights", self._layer_writer("topk_weights", torch.float32))]
+            if self.record.experts:
+                hooks += [(f + "hook_expert_out", self._layer_writer("expert_output_norm", self.dtype, norm=True)),
+                          (f + "hook_expert_hidden_norm", self._layer_writer("expert_hidden_norm", self.dtype))]
+        hooks += [(f"blocks.{l}.attn.hook_pattern", self._on_pattern) for l in self.attn_layers]
+        hooks += [(name, self._on_activation) for name in self.activation_names]
+        return [(name, self._when_active(fn)) for name, fn in hooks]
+
+    def _when_active(self, fn: Callable) -> Callable:
+        def hook(x: torch.Tensor, point) -> None:
+            if self.active:
+                fn(x, point)
+
+        hook.__name__ = getattr(fn, "__name__", "record")
+        return hook
+
+    def _on_embed(self, x: torch.Tensor, hook) -> None:
+        self.call_stop = int(hook.ctx.positions[0, -1]) + 1
+
+    def _columns(self, t: int) -> slice:
+        return slice(self.call_stop - t, self.call_stop)
+
+    def _layer_writer(self, field_name: str, dtype: torch.dtype, norm: bool = False) -> Callable:
+        store = self.per_layer.setdefault(field_name, [None] * self.L)
+
+        def write(x: torch.Tensor, hook) -> None:                  # x [N, k(, d)] or [N, E]
+            if norm:
+                x = torch.linalg.vector_norm(x, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+            x = x.detach().to("cpu", dtype if x.is_floating_point() else x.dtype)
+            x = x.reshape(self.B, -1, *x.shape[1:])                                 # [B, t, ...]
+            if store[hook.layer] is None:
+                store[hook.layer] = torch.zeros(self.B, self.total, *x.shape[2:], dtype=x.dtype)
+            store[hook.layer][:, self._columns(x.shape[1])] = x
+
+        write.__name__ = f"record_{field_name}"
+        return write
+
+    def _on_pattern(self, x: torch.Tensor, hook) -> None:          # x [B, H, t, S]
+        if self.record.heads is not None:
+            x = x[:, self.heads]
+        cols = self._columns(x.shape[2])
+        buf, S = self.attention[hook.layer], x.shape[-1]
+        if self.query_row is None:
+            buf[:, :, cols, :S] = x.detach().to("cpu", self.dtype)
+            return
+        hits = [(p - cols.start, row) for p, row in self.query_row.items() if cols.start <= p < cols.stop]
+        if hits:
+            local, rows = zip(*hits)
+            buf[:, :, list(rows), :S] = x[:, :, list(local)].detach().to("cpu", self.dtype)
+
+    def _on_activation(self, x: torch.Tensor, hook) -> None:
+        kind = hook.name.rsplit(".", 1)[-1]
+        if kind in _FFN_TOKEN_HOOKS:
+            x = x.reshape(self.B, -1, *x.shape[1:])
+        elif kind in _HEAD_FIRST_HOOKS:
+            x = x.transpose(1, 2)                                                   # [B, t, heads, ...]
+        x = x.detach().to("cpu", self.dtype if x.is_floating_point() else x.dtype)
+        buf = self.activations.get(hook.name)
+        if buf is None:
+            rest = list(x.shape[2:])
+            if kind in _KEY_DIM_FILL:
+                rest[-1] = self.total
+            buf = torch.full((self.B, self.total, *rest), _KEY_DIM_FILL.get(kind, 0), dtype=x.dtype)
+            self.activations[hook.name] = buf
+        buf[:, self._columns(x.shape[1]), ..., :x.shape[-1]] = x
+
+    # --- result ----------------------------------------------------------------------------------
+    def stacked(self, name: str, columns: slice | int) -> torch.Tensor:
+        """A per-layer field at some columns, layers stacked: [L, B, T_sel, ...] (or [L, B, ...] for an int).
+
+        A layer with a smaller top-k (a TopK intervention) is padded with expert -1 and weight/norm 0.
+        """
+        store = self.per_layer[name]
+        missing = [i for i, t in enumerate(store) if t is None]
+        if missing:
+            raise RuntimeError(f"no {name} was recorded for layers {missing}")
+        parts = [t[:, columns] for t in store]
+        if name != "router_logits":
+            k = max(p.shape[-1] for p in parts)
+            fill = -1 if name == "topk_experts" else 0
+            parts = [torch.nn.functional.pad(p, (0, k - p.shape[-1]), value=fill) for p in parts]
+        return torch.stack(parts)
+
+    def trace_fields(self, length: int) -> dict[str, Any]:
+        """Trace fields for the first `length` columns (layers stacked; a smaller top-k padded with -1 / 0)."""
+        out: dict[str, Any] = {name: self.stacked(name, slice(0, length)) for name in self.per_layer}
+        keep_q = None if self.queries is None else [i for i, p in enumerate(self.queries) if p < length]
+        out["attention"] = {l: a[:, :, :length, :length] if keep_q is None else a[:, :, keep_q, :length]
+                            for l, a in self.attention.items()}
+        out["attention_heads"] = {l: list(self.heads) for l in self.attn_layers}
+        out["attention_query_positions"] = None if keep_q is None else [self.queries[i] for i in keep_q]
+        out["activations"] = {}
+        for name, a in self.activations.items():
+            a = a[:, :length]
+            if name.rsplit(".", 1)[-1] in _KEY_DIM_FILL:
+                a = a[..., :length]
+            out["activations"][name] = a
+        return out
+
+
+def _token_strings(model: "DbrxLM", ids: torch.Tensor) -> list[list[str]]:
+    """Per row, a readable string per token: the model's tokenizer, DBRX's for the real vocab, else str(id)."""
+    from .tokenizer import VOCAB_SIZE, load_tokenizer
+
+    tok = model.tokenizer
+    if tok is None and model.config.vocab_size == VOCAB_SIZE:
+        tok = load_tokenizer()
+    if tok is None:
+        return [[str(i) for i in row] for row in ids.tolist()]
+    return [tok.token_strings(row) for row in ids.tolist()]
+
+
+def _metadata(model: "DbrxLM", record: Record, kind: str, **extra) -> dict[str, Any]:
+    return {"kind": kind, "model": getattr(model, "name_or_path", None) or type(model).__name__,
+            "config": model.config.to_dict(), "record": record.to_dict(),
+            "interventions": [repr(e) for e in model.active_interventions()], **extra, **_version_stamp()}
+
+
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def run_with_trace(model: "DbrxLM", input_ids, attention_mask=None, record: Record | None = None,
+                   **forward_kwargs) -> tuple["DbrxOutput", Trace]:
+    """One forward pass (no grad) -> (DbrxOutput, Trace with T = the input's columns).
+
+    input_ids: ids [B, T], a string, a list of strings (left padded) or chat messages.
+    """
+    from .generation import prepare_prompt
+
+    record = Record() if record is None else record
+    ids, mask = prepare_prompt(model, input_ids, attention_mask)
+    B, T = ids.shape
+    recorder = Recorder(model, record, B, T)
+    with model.hooks(recorder.hooks()):
+        out = model(ids, mask, **forward_kwargs)
+    ids = ids.cpu()
+    mask = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.cpu().bool()
+    trace = Trace(input_ids=ids, attention_mask=mask, tokens=_token_strings(model, ids), prompt_length=T,
+                  metadata=_metadata(model, record, "forward"), **recorder.trace_fields(T))
+    return out, trace
+
+
+@contextlib.contextmanager
+def _capture_cache(model: "DbrxLM", caches: list):
+    """Keep the KV cache that generation.stream allocates, so the last token can be run through the model."""
+    def new_cache(batch: int, max_len: int):
+        caches.append(type(model).new_cache(model, batch, max_len))
+        return caches[-1]
+
+    model.new_cache = new_cache
+    try:
+        yield
+    finally:
+        del model.new_cache
+
+
+@torch.no_grad()
+def generate_with_trace(model: "DbrxLM", prompt, max_new_tokens: int = 50, record: Record | None = None,
+                        on_step: Callable[[Any, dict], Any] | None = None,
+                        **generate_kwargs) -> tuple[torch.Tensor, Trace]:
+    """Generate (see generation.stream) while recording -> (ids [B, T + n], Trace over all T + n columns).
+
+    The trace has the shapes of one forward pass over the final ids: the prompt's columns come from the
+    prefill, each generated token's column from the cached step that processes it, attention rows of
+    each step go into row `position` of the full causal pattern (zeros above the diagonal). After the
+    last token is sampled it is run through the model once more (cached) so its routing is recorded too.
+    Tokens after a row produced an eos id are marked as padding in `trace.attention_mask`.
+    Generation computes `hook_final` only for the last prompt token, so a recorded `hook_final` holds
+    zeros at the prompt's earlier columns (record blocks.{L-1}.hook_resid_post for those).
+
+    on_step(step, routing) is called once per generated token, as soon as the model has processed it
+    (i.e. when the next token is sampled; the last one after the extra pass): `step` is the
+    generation.Step that produced the token, and routing = {"position": step.position,
+    "topk_experts": [L, B, k] long, "topk_weights": [L, B, k] float32, "router_logits": [L, B, E] float32}
+    for that token (routing keys only with record.router). Forwards run inside on_step are not recorded.
+    """
+    from .generation import prepare_prompt, stream
+
+    record = Record() if record is None else record
+    ids, mask = prepare_prompt(model, prompt, generate_kwargs.get("attention_mask"))
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if max_new_tokens == 0:
+        list(stream(model, prompt, 0, **generate_kwargs))                          # validates the settings
+        return ids, run_with_trace(model, ids, mask, record=record)[1]
+    B, T = ids.shape
+    recorder = Recorder(model, record, B, T + max_new_tokens)
+
+    def routing_at(pos: int) -> dict[str, Any]:
+        names = [n for n in ("topk_experts", "topk_weights", "router_logits") if n in recorder.per_layer]
+        return {"position": pos, **{n: recorder.stacked(n, pos) for n in names}}      # [L, B, ...]
+
+    steps, caches = [], []                      # stream yields >= 1 step; it never runs the last token
+    with _capture_cache(model, caches), model.hooks(recorder.hooks()):
+        for step in stream(model, prompt, max_new_tokens, **generate_kwargs):
+            if steps and on_step is not None:
+                with recorder.paused():
+                    on_step(steps[-1], routing_at(steps[-1].position))
+            steps.append(step)
+        last, n = steps[-1], len(steps)
+        full_mask = None if mask is None else torch.cat(
+            [mask.long(), torch.ones(B, n, dtype=torch.long, device=mask.device)], dim=1)       # [B, T + n]
+        model(last.tokens[:, None], full_mask, cache=caches[-1], start=last.position, last_only=True)
+    if on_step is not None:
+        on_step(last, routing_at(last.position))
+
+    out_ids = torch.cat([ids.cpu(), torch.stack([s.tokens.cpu() for s in steps], dim=1)], dim=1)  # [B, T + n]
+    prompt_mask = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.cpu().bool()
+    finished_before = [torch.zeros(B, dtype=torch.bool)] + [s.finished.cpu() for s in steps[:-1]]
+    trace_mask = torch.cat([prompt_mask, ~torch.stack(finished_before, dim=1)], dim=1)
+    settings = {k: v for k, v in generate_kwargs.items() if k not in ("attention_mask", "stop")}
+    trace = Trace(input_ids=out_ids, attention_mask=trace_mask, tokens=_token_strings(model, out_ids),
+                  prompt_length=T, metadata=_metadata(model, record, "generate", generation={
+                      "max_new_tokens": max_new_tokens, "generated": n, **settings}),
+                  **recorder.trace_fields(T + n))
+    return out_ids, trace

@@ -1,0 +1,163 @@
+import pytest
+import torch
+
+from dbrx_lab.generation import Step
+
+
+def new_tokens(out, prompt):
+    return out[:, prompt.shape[1]:]
+
+
+def test_greedy_equals_hf(hf_pair, make_ids):
+    hf, ours = hf_pair
+    ids = make_ids(2, 5, seed=11)
+    ref = hf.generate(ids, max_new_tokens=15, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, max_new_tokens=15, eos_token_id=[]), ref)
+
+
+def test_greedy_is_argmax_of_full_forward(tiny_model, make_ids):
+    ids = make_ids(1, 4)
+    out = tiny_model.generate(ids, max_new_tokens=6)
+    with torch.no_grad():
+        logits = tiny_model(out).logits
+    assert torch.equal(logits[0, 3:-1].argmax(-1), out[0, 4:])
+
+
+def test_sampling_reproducible_with_seed(tiny_model, make_ids):
+    ids = make_ids(2, 4)
+    kw = dict(max_new_tokens=20, do_sample=True, temperature=1.5)
+    a = tiny_model.generate(ids, seed=1, **kw)
+    assert torch.equal(a, tiny_model.generate(ids, seed=1, **kw))
+    assert not torch.equal(a, tiny_model.generate(ids, seed=2, **kw))
+    assert not torch.equal(a, tiny_model.generate(ids, max_new_tokens=20))        # not greedy
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(tiny_model, make_ids):
+    ids = make_ids(2, 4, seed=3)
+    greedy = tiny_model.generate(ids, max_new_tokens=10)
+    assert torch.equal(tiny_model.generate(ids, max_new_tokens=10, do_sample=True, top_k=1, seed=0), greedy)
+    assert torch.equal(tiny_model.generate(ids, max_new_tokens=10, do_sample=True, top_p=1e-6, seed=0,
+                                           temperature=3.0), greedy)
+
+
+def test_top_k_restricts_samples(tiny_model, make_ids):
+    ids = make_ids(1, 4)
+    steps = list(tiny_model.stream(ids, max_new_tokens=8, do_sample=True, top_k=3, temperature=5.0, seed=0))
+    for step in steps:
+        assert int(step.tokens[0]) in step.logits[0].topk(3).indices.tolist()
+
+
+def test_stops_at_eos(tiny_model, make_ids):
+    ids = make_ids(1, 4, seed=4)
+    greedy = new_tokens(tiny_model.generate(ids, max_new_tokens=12), ids)[0].tolist()
+    i = next(i for i, t in enumerate(greedy) if i >= 2 and t not in greedy[:i])
+    out = tiny_model.generate(ids, max_new_tokens=12, eos_token_id=greedy[i])
+    assert new_tokens(out, ids)[0].tolist() == greedy[:i + 1]                      # eos included, then stop
+
+
+def test_finished_rows_are_padded(tiny_model, make_ids):
+    ids = make_ids(2, 4, seed=5)
+    greedy = new_tokens(tiny_model.generate(ids, max_new_tokens=10), ids)
+    row0, row1 = greedy.tolist()
+    i = next(i for i, t in enumerate(row0) if 1 <= i <= 6 and t not in row0[:i] and t not in row1)
+    eos = row0[i]
+    out = new_tokens(tiny_model.generate(ids, max_new_tokens=10, eos_token_id=eos, pad_token_id=0), ids)
+    assert out[0].tolist() == row0[:i + 1] + [0] * (9 - i)
+    assert torch.equal(out[1], greedy[1])                                           # other row unaffected
+    # the default pad is the first eos id inside the vocabulary (100257 is not a row of this model)
+    out = new_tokens(tiny_model.generate(ids, max_new_tokens=10, eos_token_id=[100257, eos]), ids)
+    assert out[0].tolist() == row0[:i + 1] + [eos] * (9 - i)
+    with pytest.raises(ValueError, match=r"pad_token_id 600 outside the vocabulary \[0, 511\]"):
+        tiny_model.generate(ids, max_new_tokens=2, pad_token_id=600)
+
+
+def test_left_padded_batch_equals_per_row(tiny_model, make_ids):
+    rows = [make_ids(1, n, seed=n)[0] for n in (9, 4, 6)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
+    batch = new_tokens(tiny_model.generate(ids, attention_mask=mask, max_new_tokens=10), ids)
+    for b, r in enumerate(rows):
+        alone = new_tokens(tiny_model.generate(r[None], max_new_tokens=10), r[None])
+        assert torch.equal(batch[b], alone[0]), f"row {b}"
+
+
+def test_streamer_gets_every_token_in_order(tiny_model, make_ids):
+    ids = make_ids(2, 4)
+    steps = []
+    out = tiny_model.generate(ids, max_new_tokens=7, streamer=steps.append)
+    assert [s.index for s in steps] == list(range(7))
+    assert [s.position for s in steps] == list(range(4, 11))
+    assert torch.equal(torch.stack([s.tokens for s in steps], dim=1), new_tokens(out, ids))
+    assert all(isinstance(s, Step) and s.logits.shape == (2, 512) and s.logits.dtype == torch.float32 for s in steps)
+    assert torch.equal(steps[-1].finished, torch.zeros(2, dtype=torch.bool))
+
+
+def test_stream_iterator(tiny_model, make_ids):
+    ids = make_ids(1, 4)
+    it = tiny_model.stream(ids, max_new_tokens=5)
+    first = next(it)
+    assert first.index == 0 and first.tokens.shape == (1,)
+    rest = list(it)
+    assert len(rest) == 4
+    tokens = torch.stack([first.tokens] + [s.tokens for s in rest], dim=1)
+    assert torch.equal(tokens, new_tokens(tiny_model.generate(ids, max_new_tokens=5), ids))
+
+
+def test_stream_stop_callback_and_zero_tokens(tiny_model, make_ids):
+    ids = make_ids(1, 4)
+    count = []
+    steps = list(tiny_model.stream(ids, max_new_tokens=10, stop=lambda: len(count) >= 3 or count.append(1)))
+    assert len(steps) == 4
+    assert list(tiny_model.stream(ids, max_new_tokens=0)) == []
+    assert torch.equal(tiny_model.generate(ids, max_new_tokens=0), ids)
+
+
+def test_string_and_chat_prompts(tiny_vocab_model):
+    tok = tiny_vocab_model.tokenizer
+    prompt = tok.encode("The capital of France is")
+    out = tiny_vocab_model.generate("The capital of France is", max_new_tokens=4)
+    assert out.shape == (1, len(prompt) + 4) and out[0, :len(prompt)].tolist() == prompt
+    chat = [{"role": "user", "content": "Hi!"}]
+    templated = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    out = tiny_vocab_model.generate(chat, max_new_tokens=3)
+    assert out[0, :len(templated)].tolist() == templated and templated[-3:] == tok.encode("<|im_start|>assistant\n")
+    batch = tiny_vocab_model.generate(["a b c d", "hi"], max_new_tokens=3)            # left-padded with <|pad|>
+    assert batch[1, 0] == tok.pad_token_id
+    assert torch.equal(batch[1, -3:], tiny_vocab_model.generate("hi", max_new_tokens=3)[0, -3:])
+    continuation = tiny_vocab_model.generate("The capital of France is", max_new_tokens=4)[0, len(prompt):]
+    text = tiny_vocab_model.generate_text("The capital of France is", max_new_tokens=4)
+    assert text == tok.decode(continuation.tolist())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=1, temperature=0), r"temperature must be a number > 0"),
+    (dict(max_new_tokens=1, temperature=-1.0), r"temperature must be a number > 0"),
+    (dict(max_new_tokens=1, do_sample=True, top_p=0.0), r"top_p must be None or in \(0, 1\]"),
+    (dict(max_new_tokens=1, do_sample=True, top_p=1.5), r"top_p must be None or in \(0, 1\]"),
+    (dict(max_new_tokens=1, do_sample=True, top_k=0), r"top_k must be None or an integer >= 1"),
+    (dict(max_new_tokens=-1), r"max_new_tokens must be an integer >= 0"),
+    (dict(max_new_tokens=253), r"prompt \(4 tokens\) \+ max_new_tokens \(253\) exceeds max_seq_len=256"),
+])
+def test_bad_generation_arguments(tiny_model, make_ids, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.generate(make_ids(1, 4), **kwargs)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    (torch.zeros(1, 257, dtype=torch.long), "longer than max_seq_len=256"),
+    (torch.tensor([[3, 600]]), r"token id 600 outside the vocabulary \[0, 511\]"),
+    (torch.zeros(1, 0, dtype=torch.long), "empty"),
+    ([], "empty"),
+])
+def test_bad_prompts(tiny_model, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.generate(prompt, max_new_tokens=1)
+
+
+def test_right_padding_rejected(tiny_model, make_ids):
+    mask = torch.tensor([[1, 1, 1, 0]])
+    with pytest.raises(ValueError, match="left padding"):
+        tiny_model.generate(make_ids(1, 4), attention_mask=mask, max_new_tokens=1)

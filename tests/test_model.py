@@ -1,0 +1,186 @@
+import dataclasses
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dbrx_lab import PRESETS, DbrxLM
+from dbrx_lab.model import ExpertGLU
+
+transformers = pytest.importorskip("transformers")
+
+
+def shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("changes", [{}, dict(n_heads=8, kv_n_heads=1, moe_num_experts=4, moe_top_k=2)])
+def test_state_dict_matches_hf_both_ways(changes):
+    cfg = dataclasses.replace(PRESETS["tiny"], **changes)
+    hf, ours = transformers.DbrxForCausalLM(cfg.to_hf()), DbrxLM(cfg)
+    assert shapes(ours) == shapes(hf)
+    assert list(shapes(ours)) == list(shapes(hf))                  # same order too
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    hf.load_state_dict(ours.state_dict(), strict=True)
+
+
+def test_full_size_on_meta_matches_hf_and_has_131_6b_parameters():
+    cfg = PRESETS["dbrx-instruct"]
+    with torch.device("meta"):
+        ours = DbrxLM(cfg)
+        hf = transformers.DbrxForCausalLM(cfg.to_hf())
+    assert shapes(ours) == shapes(hf)
+    n = ours.num_parameters()
+    assert round(n / 1e9, 1) == 131.6 and n == cfg.n_params
+    assert shapes(ours)["transformer.blocks.0.norm_attn_norm.attn.Wqkv.weight"] == (8192, 6144)
+    assert shapes(ours)["transformer.blocks.39.ffn.experts.mlp.w2"] == (16 * 10752, 6144)
+    assert ours.lm_head.weight.device.type == "meta"
+
+
+def test_hook_names_for_every_block(tiny_model):
+    names = set(tiny_model.hook_names())
+    per_block = ["hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_scores",
+                 "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "ffn.hook_router_logits",
+                 "ffn.hook_topk_experts", "ffn.hook_topk_weights", "ffn.hook_expert_out", "hook_ffn_out",
+                 "hook_resid_post", "ffn.hook_expert_hidden_norm"]
+    expected = {"hook_embed", "hook_final"} | {f"blocks.{i}.{n}" for i in range(2) for n in per_block}
+    assert names == expected
+    assert all(tiny_model.hook_points[n].name == n for n in names)
+    assert tiny_model.hook_points["blocks.1.ffn.hook_router_logits"].layer == 1
+
+
+def test_every_hook_fires_with_documented_shapes(tiny_model, make_ids):
+    B, T, cfg = 2, 5, tiny_model.config
+    seen = {}
+    with torch.no_grad(), tiny_model.hooks([("*", lambda t, h: seen.__setitem__(h.name, tuple(t.shape)))]):
+        tiny_model(make_ids(B, T))
+    assert set(seen) == set(tiny_model.hook_names())
+    N, H, K, D, E, k, d = B * T, cfg.n_heads, cfg.kv_n_heads, cfg.head_dim, 16, 4, cfg.d_model
+    assert seen["blocks.0.attn.hook_q"] == (B, H, T, D) and seen["blocks.0.attn.hook_k"] == (B, K, T, D)
+    assert seen["blocks.0.attn.hook_pattern"] == (B, H, T, T) and seen["blocks.0.attn.hook_z"] == (B, T, H, D)
+    assert seen["blocks.1.ffn.hook_router_logits"] == (N, E) and seen["blocks.1.ffn.hook_topk_experts"] == (N, k)
+    assert seen["blocks.1.ffn.hook_expert_out"] == (N, k, d) and seen["hook_final"] == (B, T, d)
+
+
+def test_explicit_attention_path_equals_sdpa(tiny_model, make_ids):
+    ids = make_ids(2, 9)
+    with torch.no_grad():
+        sdpa = tiny_model(ids).logits
+        with tiny_model.hooks([("blocks.*.attn.hook_pattern", lambda t, h: None)]):
+            explicit = tiny_model(ids).logits
+    torch.testing.assert_close(explicit, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_sum_and_topk_weights_normalised(tiny_model, make_ids):
+    got = {}
+    hooks = [("blocks.0.attn.hook_pattern", lambda t, h: got.__setitem__("p", t)),
+             ("blocks.0.ffn.hook_topk_weights", lambda t, h: got.__setitem__("w", t))]
+    with torch.no_grad(), tiny_model.hooks(hooks):
+        tiny_model(make_ids(1, 6))
+    torch.testing.assert_close(got["p"].sum(-1), torch.ones(1, 4, 6))
+    assert torch.all(got["p"].triu(1) == 0)                        # causal
+    torch.testing.assert_close(got["w"].sum(-1), torch.ones(6))    # p=1 renormalisation
+    assert torch.all(got["w"][:, :-1] >= got["w"][:, 1:])           # descending
+
+
+@pytest.fixture
+def expert_calls(monkeypatch):
+    """Records (expert index, number of tokens) for every ExpertGLU.expert call."""
+    calls = []
+    original = ExpertGLU.expert
+
+    def spy(self, x, e):
+        calls.append((int(e), x.shape[0]))
+        return original(self, x, e)
+
+    monkeypatch.setattr(ExpertGLU, "expert", spy)
+    return calls
+
+
+def test_moe_one_token_computes_only_its_top4_experts(tiny_model, expert_calls, make_ids):
+    chosen = []
+    with torch.no_grad(), tiny_model.hooks([("blocks.*.ffn.hook_topk_experts", lambda t, h: chosen.append(t))]):
+        tiny_model(make_ids(1, 1))
+    assert len(expert_calls) == 2 * 4                                # 2 layers x top-4, never all 16
+    for layer in range(2):
+        calls = expert_calls[4 * layer: 4 * layer + 4]
+        assert sorted(e for e, _ in calls) == sorted(chosen[layer][0].tolist())
+        assert all(n == 1 for _, n in calls)
+
+
+def test_moe_groups_tokens_by_expert(tiny_model, expert_calls, make_ids):
+    chosen = []
+    with torch.no_grad(), tiny_model.hooks([("blocks.0.ffn.hook_topk_experts", lambda t, h: chosen.append(t))]):
+        tiny_model(make_ids(2, 7))
+    layer0 = expert_calls[:len(Counter(chosen[0].flatten().tolist()))]
+    assert dict(layer0) == dict(Counter(chosen[0].flatten().tolist()))   # one call per used expert, n = its tokens
+
+
+def test_moe_matches_dense_reference(tiny_model, make_ids):
+    """Our grouped MoE equals a naive per-token loop over the chosen experts."""
+    moe = tiny_model.blocks[0].ffn
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out, logits = moe(x)
+        probs = logits.softmax(-1)
+        w, e = probs.topk(4, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        ref = torch.stack([sum(w[n, j] * moe.experts.mlp.expert(x[0, n:n + 1], int(e[n, j]))[0][0]
+                               for j in range(4)) for n in range(5)])
+    torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-5)
+
+
+def test_loss_matches_hf(hf_pair, make_ids):
+    hf, ours = hf_pair
+    ids = make_ids(2, 8)
+    with torch.no_grad():
+        ref = hf(ids, labels=ids).loss
+        out = ours(ids, labels=ids)
+    torch.testing.assert_close(out.loss, ref, atol=1e-5, rtol=1e-5)
+    manual = F.cross_entropy(out.logits[:, :-1].reshape(-1, 512), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, manual)
+
+
+def test_kv_cache_decoding_equals_full_forward(tiny_model, make_ids):
+    ids = make_ids(2, 10, seed=5)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0                                                # left padding in row 1
+    with torch.no_grad():
+        full = tiny_model(ids, mask).logits
+        cache = tiny_model.new_cache(2, 10)
+        steps = [tiny_model(ids[:, :7], mask[:, :7], cache=cache).logits]
+        for t in range(7, 10):
+            steps.append(tiny_model(ids[:, t:t + 1], mask[:, :t + 1], cache=cache, start=t).logits)
+    incremental = torch.cat(steps, dim=1)
+    torch.testing.assert_close(incremental[0], full[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(incremental[1, 3:], full[1, 3:], atol=1e-4, rtol=1e-4)
+
+
+def test_last_only_and_router_logits(tiny_model, make_ids):
+    ids = make_ids(2, 6)
+    with torch.no_grad():
+        full = tiny_model(ids, output_router_logits=True)
+        last = tiny_model(ids, last_only=True).logits
+    torch.testing.assert_close(last, full.logits[:, -1:])
+    assert len(full.router_logits) == 2 and full.router_logits[0].shape == (12, 16)
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.tensor([[1, 512]]), r"token id 512 outside the vocabulary \[0, 511\]"),
+    (torch.tensor([[-1, 3]]), r"token id -1 outside the vocabulary \[0, 511\]"),
+    (torch.zeros(1, 0, dtype=torch.long), "input_ids is empty"),
+    (torch.zeros(1, 257, dtype=torch.long), "longer than max_seq_len=256"),
+    (torch.zeros(1, 2, 3, dtype=torch.long), r"input_ids must be \[batch, tokens\]"),
+    (torch.zeros(1, 3), "must be integer token ids"),
+])
+def test_bad_input_rejected(tiny_model, ids, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(ids)
+
+
+def test_bad_attention_mask_and_start_rejected(tiny_model):
+    with pytest.raises(ValueError, match=r"attention_mask must be \[batch, 3\]"):
+        tiny_model(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 4))
+    with pytest.raises(ValueError, match="exceeds max_seq_len=256"):
+        tiny_model(torch.zeros(1, 3, dtype=torch.long), start=254)
