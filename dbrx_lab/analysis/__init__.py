@@ -1,0 +1,28 @@
+"""Analysis: pure functions from traces (or route-stats tables) to pandas DataFrames; no plotting.
+
+Routing statistics accept a Trace, a list of Traces, a routing DataFrame or a route-stats output folder,
+and ignore padding. Every function's docstring states its definition and its random baseline.
+
+    from dbrx_lab import analysis
+    analysis.expert_load(trace)                    # per layer and expert: share vs k/E, top-1 share vs 1/E
+    analysis.routing_repetition(traces)            # P(same top-1 at t, t+1) vs 1/E, ...
+    analysis.ablation_sweep(model, texts)          # layer x expert loss change
+    analysis.compare_generations(model, "Once", ExpertAblation(1, [3], "reroute"))
+"""
+from .ablation import DropTopExperts, LossEvaluator, ablation_sweep, drop_top_curve, top_k_curve
+from .attribution import LogitAttribution, logit_attribution
+from .compare import CompareStep, GenerationComparison, compare_generations, routing_cascade
+from .routing import (Routing, coactivation, confidence_summary, expert_load, fragile_tokens, iter_routing,
+                      layer_transitions, load_routing, repetition_baselines, router_confidence, routing_frame,
+                      routing_repetition)
+from .specialization import domain_specialization, top_tokens_per_expert, vocab_specialization
+
+__all__ = [
+    "Routing", "iter_routing", "routing_frame", "load_routing",
+    "expert_load", "router_confidence", "confidence_summary", "fragile_tokens", "routing_repetition",
+    "repetition_baselines", "coactivation", "layer_transitions",
+    "domain_specialization", "vocab_specialization", "top_tokens_per_expert",
+    "LogitAttribution", "logit_attribution",
+    "DropTopExperts", "LossEvaluator", "ablation_sweep", "drop_top_curve", "top_k_curve",
+    "CompareStep", "GenerationComparison", "compare_generations", "routing_cascade",
+]
