@@ -56,7 +56,8 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str | None = None
 
     source: "demo" (the bundled trained tiny model), a config preset ("tiny", "tiny-vocab", "bench":
         random weights drawn with `seed`), or a folder with config.json + safetensors.
-    dtype: torch dtype or its name; None keeps the checkpoint's stored dtype (presets: config.torch_dtype).
+    dtype: torch dtype or its name; None keeps the checkpoint's stored dtype (presets: config.torch_dtype),
+        except for "demo", stored in bfloat16 and loaded in float32 (CPUs without bf16 units run bf16 slowly).
     device: where to allocate the whole model (default CPU). Exclusive with device_map.
     device_map: "auto" | "balanced" | "sequential" | {module name: device} for accelerate's big-model
         inference (blocks are never split; `max_memory` caps each device, e.g. {"cpu": "2GiB"};
@@ -70,6 +71,7 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str | None = None
             raise FileNotFoundError(f"the bundled demo model is not in this install yet (expected config.json and "
                                     f"model.safetensors in {DEMO_DIR}); use load_model('tiny') for a random model")
         source = DEMO_DIR
+        dtype = torch.float32 if dtype is None else dtype
     if isinstance(source, str) and source in PRESETS:
         if device_map is not None:
             raise ValueError("device_map applies to checkpoint folders; presets take device=")

@@ -1,0 +1,305 @@
+"""What every dbrx-lab widget shares: the look, an error area, a status line with progress, figure panes,
+and a background worker (so a Stop button stays clickable while the model runs).
+
+A widget is a plain object whose `ui` (an ipywidgets box) is what a notebook shows; displaying the object
+displays `ui`. Callbacks never raise into the kernel log (a "dead button"): every handler runs through
+`_guard`, which puts the error in the widget's error area and keeps it in `last_error`.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import html
+import json
+import threading
+import traceback
+import weakref
+from typing import Any, Callable
+
+import ipywidgets as W
+import plotly.graph_objects as go
+import plotly.io as pio
+
+from ..figures import MONO, _text_color, expert_color, readable_token
+
+__all__ = ["LabWidget", "FigurePane", "ClickableFigure", "model_lock", "prompt_input", "figure_bundle", "fit_width",
+           "token_html", "expert_chip"]
+
+ACCENT = "#2F3E55"
+SELECTED = "#CA0020"          # outline of the selected cell / row in clickable figures
+STYLE = f"""<style>
+.dbrx-lab {{ font-family: Inter, 'Helvetica Neue', Arial, sans-serif; color: #222; }}
+.dbrx-lab .dbrx-title {{ font-size: 16px; font-weight: 600; color: {ACCENT}; margin: 2px 0 0 0; }}
+.dbrx-lab .dbrx-subtitle {{ font-size: 12px; color: #666; margin-bottom: 4px; }}
+.dbrx-lab .dbrx-section {{ font-size: 12px; font-weight: 600; letter-spacing: .04em; text-transform: uppercase;
+  color: #667; margin: 8px 0 2px 0; }}
+.dbrx-lab .dbrx-card {{ border: 1px solid #E3E6EB; border-radius: 6px; padding: 8px 10px; background: #FCFCFD; }}
+.dbrx-lab .dbrx-error-box {{ border-left: 4px solid #CA0020; background: #FDF1F1; color: #6B0012;
+  padding: 6px 10px; border-radius: 4px; font-size: 13px; }}
+.dbrx-lab .dbrx-error-box details {{ margin-top: 4px; }}
+.dbrx-lab .dbrx-error-box pre {{ font-size: 11px; max-height: 220px; overflow: auto; white-space: pre-wrap; }}
+.dbrx-lab .dbrx-status {{ font-size: 12px; color: #555; }}
+.dbrx-lab .dbrx-text {{ font-family: {MONO}; font-size: 13px; line-height: 1.75; white-space: pre-wrap;
+  word-break: break-word; min-height: 4.5em; max-height: 18em; overflow-y: auto; }}
+.dbrx-lab .dbrx-text .prompt {{ color: #8A8F98; }}
+.dbrx-lab .dbrx-text .same {{ color: #1E2530; }}
+.dbrx-lab .dbrx-text .diff {{ background: #FDE9DE; color: #67001F; border-radius: 3px; }}
+.dbrx-lab .dbrx-text .first {{ background: #F4A582; outline: 2px solid #CA0020; }}
+.dbrx-lab .dbrx-text .cursor {{ color: {ACCENT}; animation: dbrx-blink 1s steps(2) infinite; }}
+@keyframes dbrx-blink {{ to {{ visibility: hidden; }} }}
+.dbrx-lab .dbrx-chip {{ display: inline-block; font-family: {MONO}; font-size: 11px; padding: 1px 4px;
+  border-radius: 3px; margin-right: 2px; }}
+.dbrx-lab table.dbrx-path {{ border-collapse: collapse; font-size: 12px; width: 100%; }}
+.dbrx-lab table.dbrx-path td, .dbrx-lab table.dbrx-path th {{ padding: 2px 6px; border-bottom: 1px solid #EEF0F3;
+  text-align: left; }}
+.dbrx-lab table.dbrx-path th {{ color: #667; font-weight: 600; }}
+.dbrx-lab .dbrx-bar {{ display: flex; height: 18px; min-width: 220px; border-radius: 3px; overflow: hidden; }}
+.dbrx-lab .dbrx-bar span {{ font-family: {MONO}; font-size: 11px; line-height: 18px; text-align: center;
+  overflow: hidden; white-space: nowrap; }}
+.dbrx-lab .dbrx-grid .jupyter-button {{ margin: 1px; padding: 0; font-family: {MONO}; font-size: 11px;
+  border-radius: 3px; }}
+.dbrx-lab .dbrx-grid .dbrx-cell.mod-active {{ background: #CA0020 !important; color: white !important;
+  box-shadow: inset 0 0 0 1px #67001F; }}
+.dbrx-lab .dbrx-grid .dbrx-col.mod-active {{ background: #67001F !important; color: white !important; }}
+.dbrx-lab .dbrx-grid .dbrx-rowlabel {{ font-family: {MONO}; font-size: 11px; color: #555; }}
+.dbrx-lab .dbrx-attn-row span {{ display: inline-block; padding: 1px 2px; margin: 1px; border-radius: 3px;
+  font-family: {MONO}; font-size: 13px; white-space: pre; }}
+.dbrx-lab .widget-html-content {{ white-space: normal; }}
+</style>"""
+
+
+# --- per-model lock ---------------------------------------------------------------------------------
+_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.Lock:
+    """One lock per model: widgets never run the same model from two threads at once (interventions are
+    attached to the model while a widget generates, so concurrent runs would see each other's edits)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.Lock()
+        return lock
+
+
+def prompt_input(text: str, chat: bool):
+    """The prompt box's text as the model takes it: plain text, or one user message (chat template)."""
+    return [{"role": "user", "content": text}] if chat else text
+
+
+# --- small HTML pieces --------------------------------------------------------------------------------
+def expert_chip(e: int, label: str | None = None) -> str:
+    """An inline chip in expert e's colour."""
+    c = expert_color(int(e))
+    return (f'<span class="dbrx-chip" style="background:{c};color:{_text_color(c)}">'
+            f'{html.escape(label if label is not None else f"e{e}")}</span>')
+
+
+def token_html(token: str, max_len: int = 24) -> str:
+    return html.escape(readable_token(token, max_len))
+
+
+def _error_html(err: BaseException, context: str) -> str:
+    tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    what = f"{context}: " if context else ""
+    return (f'<div class="dbrx-error-box"><b>{html.escape(what)}{html.escape(type(err).__name__)}</b>: '
+            f'{html.escape(str(err))}<details><summary>traceback</summary><pre>{html.escape(tb)}</pre>'
+            f'</details></div>')
+
+
+# --- figures ----------------------------------------------------------------------------------------
+def figure_bundle(fig: go.Figure) -> dict:
+    """A display_data output that renders a plotly figure through JupyterLab's plotly mime renderer
+    (JSON only: no plotly.js copy in the notebook)."""
+    spec = json.loads(pio.to_json(fig, validate=False))
+    title = fig.layout.title.text or "plotly figure"
+    return {"output_type": "display_data", "metadata": {},
+            "data": {"application/vnd.plotly.v1+json": {"data": spec.get("data", []), "layout": spec.get("layout", {}),
+                                                         "config": {"displaylogo": False, "responsive": True}},
+                     "text/plain": f"<Figure: {title}>"}}
+
+
+FIT_WIDTH = 960      # px: about a JupyterLab output area; wider figures are narrowed to it (no clipped colorbar)
+
+
+def fit_width(fig: go.Figure, max_width: int = FIT_WIDTH) -> go.Figure:
+    """fig, or a copy at max_width when its fixed width is wider."""
+    if fig.layout.width is not None and fig.layout.width > max_width:
+        fig = go.Figure(fig)
+        fig.layout.width = max_width
+    return fig
+
+
+class FigurePane:
+    """A place for a static plotly figure (an ipywidgets.Output); safe to update from a worker thread.
+    `figure` is the figure as the figures module made it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.figure: go.Figure | None = None
+        self.widget = W.Output(layout=W.Layout(width="100%"))
+        self.widget.add_class(f"dbrx-fig-{name}")
+
+    def show(self, fig: go.Figure | None) -> None:
+        self.figure = fig
+        self.widget.outputs = () if fig is None else (figure_bundle(fit_width(fig)),)
+
+
+class ClickableFigure:
+    """A plotly FigureWidget (anywidget) whose content can be replaced; `on_click(trace_index, point)` is
+    called for a click on any trace, with point = {"x", "y", "point_index"}."""
+
+    def __init__(self, name: str, on_click: Callable[[int, dict], None]) -> None:
+        self.name = name
+        self.figure: go.Figure | None = None
+        self._on_click = on_click
+        self.widget = go.FigureWidget()
+        self.widget.add_class(f"dbrx-fig-{name}")
+
+    def show(self, fig: go.Figure, fit: bool = False) -> None:
+        """Replace the content with fig's (fit: narrow a fixed width over FIT_WIDTH, see `fit_width`)."""
+        self.figure = fig
+        if fit:
+            fig = fit_width(fig)
+        fw = self.widget
+        with fw.batch_update():
+            fw.data = []
+            fw.add_traces(list(fig.data))
+            fw.layout = fig.layout
+        for i, trace in enumerate(fw.data):
+            trace.on_click(functools.partial(self._dispatch, i))
+
+    def mark(self, *shapes: dict) -> None:
+        """Draw selection shapes (plotly shape dicts) over the figure's own shapes, replacing earlier marks."""
+        own = list(self.figure.layout.shapes) if self.figure is not None else []
+        self.widget.layout.shapes = own + [go.layout.Shape(**s) for s in shapes]
+
+    def _dispatch(self, index: int, trace, points, state) -> None:
+        if not points.point_inds:
+            return
+        self._on_click(index, {"x": points.xs[0], "y": points.ys[0], "point_index": points.point_inds[0]})
+
+    def click(self, trace_index: int, x, y) -> None:
+        """Act as if (x, y) of a trace had been clicked in the browser (tests, keyboard fallbacks)."""
+        self._on_click(trace_index, {"x": x, "y": y, "point_index": None})
+
+
+# --- base widget --------------------------------------------------------------------------------------
+class LabWidget:
+    """Shared machinery. Subclasses build `self.ui` (via `_frame`) and call `_start(work)` for long work.
+
+    background: run long work in a thread (the notebook stays responsive, Stop works); False runs it in
+    the caller (tests, scripts). `wait()` blocks until the current work is done; `busy` tells if it runs.
+    """
+
+    def __init__(self, background: bool = True) -> None:
+        self.background = background
+        self.last_error: BaseException | None = None
+        self.error = W.HTML(layout=W.Layout(display="none", width="100%"))
+        self.error.add_class("dbrx-error")
+        self.status = W.HTML("")
+        self.status.add_class("dbrx-status")
+        self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="240px", display="none"))
+        self.progress.add_class("dbrx-progress")
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._quiet = 0
+        self.ui: W.Box = W.VBox()
+
+    # displaying the object shows its ui
+    def _repr_mimebundle_(self, **kwargs):
+        return self.ui._repr_mimebundle_(**kwargs)
+
+    def _frame(self, title: str, subtitle: str, *children: W.Widget) -> W.VBox:
+        head = W.HTML(f'{STYLE}<div class="dbrx-title">{html.escape(title)}</div>'
+                      f'<div class="dbrx-subtitle">{subtitle}</div>')
+        status_row = W.HBox([self.progress, self.status], layout=W.Layout(align_items="center"))
+        box = W.VBox([head, *children, status_row, self.error], layout=W.Layout(width="100%"))
+        box.add_class("dbrx-lab")
+        return box
+
+    # --- errors and status ---------------------------------------------------------------------------
+    def show_error(self, err: BaseException, context: str = "") -> None:
+        self.last_error = err
+        self.error.value = _error_html(err, context)
+        self.error.layout.display = "block"
+
+    def clear_error(self) -> None:
+        self.last_error = None
+        self.error.value = ""
+        self.error.layout.display = "none"
+
+    def set_status(self, text: str, progress: tuple[int, int] | None = None) -> None:
+        """Status line (HTML); progress=(done, total) shows the bar, None hides it."""
+        self.status.value = text
+        if progress is None:
+            self.progress.layout.display = "none"
+        else:
+            done, total = progress
+            self.progress.max = max(int(total), 1)
+            self.progress.value = min(int(done), self.progress.max)
+            self.progress.layout.display = "flex"
+
+    def _guard(self, fn: Callable, context: str = "") -> Callable:
+        """fn wrapped so that an exception shows in the error area instead of vanishing in the kernel log."""
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - shown to the user, kept in last_error
+                self.show_error(err, context)
+                return None
+        return wrapped
+
+    def _observe(self, widget: W.Widget, fn: Callable[[Any], None], context: str, name: str = "value") -> None:
+        """widget.observe(fn) guarded, and silent while the widget itself updates its controls (`_quietly`)."""
+        guarded = self._guard(fn, context)
+        widget.observe(lambda change: None if self._quiet else guarded(change), name)
+
+    @contextlib.contextmanager
+    def _quietly(self):
+        """Set controls programmatically without triggering their observers."""
+        self._quiet += 1
+        try:
+            yield
+        finally:
+            self._quiet -= 1
+
+    # --- background work -----------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _start(self, work: Callable[[], None], context: str, on_exit: Callable[[], None] | None = None) -> None:
+        """Run work() (in a thread when background); errors go to the error area; on_exit() always runs."""
+        if self.busy:
+            raise RuntimeError("still running: press Stop or wait for it to finish")
+        self._stop.clear()
+
+        def run() -> None:
+            try:
+                work()
+            except Exception as err:  # noqa: BLE001
+                self.show_error(err, context)
+                self.set_status("")
+            finally:
+                if on_exit is not None:
+                    self._guard(on_exit, context)()
+
+        if self.background:
+            self._thread = threading.Thread(target=run, name=f"dbrx-lab {type(self).__name__}", daemon=True)
+            self._thread.start()
+        else:
+            run()
+
+    def stop(self) -> None:
+        """Ask the running work to stop after the current step."""
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> "LabWidget":
+        """Block until the background work has finished (or timeout seconds passed); returns self."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self
+

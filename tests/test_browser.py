@@ -1,0 +1,277 @@
+"""The notebooks in a real browser: JupyterLab on localhost, driven by headless Chromium (Debian's package)
+through playwright.
+
+Opens the ablation lab notebook, runs all cells, waits for the widgets and plotly figures, toggles an
+expert, presses Generate and checks that an ablated generation streams in and differs from the baseline;
+checks that notebooks 01 and 02 render their figures and widgets. Screenshots go to
+test-artifacts/screenshots/ (gitignored). Needs /usr/bin/chromium (apt: chromium) and the playwright
+Python package; playwright's own browser download is not used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path(os.environ.get("DBRX_LAB_CHROMIUM", "/usr/bin/chromium"))
+SHOTS = ROOT / "test-artifacts" / "screenshots"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+RUN_TIMEOUT_MS = 240_000          # a notebook's cells (2 CPU cores, cold imports)
+
+if not CHROMIUM.exists():
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+# JupyterLab settings for a quiet, fully rendered notebook: no news / update pop-ups, and every cell kept in
+# the DOM (windowed rendering detaches off-screen outputs, which would hide figures from the checks).
+SETTINGS = {
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false",
+                                                                        "checkForUpdates": False},
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab server on a random free port with a random token, serving a copy of notebooks/."""
+    home = tmp_path_factory.mktemp("jupyterlab")
+    root = home / "notebooks"
+    shutil.copytree(ROOT / "notebooks", root, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    for name, value in SETTINGS.items():
+        path = home / "settings" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+    port, token = _free_port(), secrets.token_hex(16)
+    env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(home / "settings"),
+               JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"), JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+               PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
+           "--LabApp.expose_app_in_browser=True", "--ServerApp.port_retries=0"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")
+    log = open(home / "jupyterlab.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"JupyterLab exited with {proc.returncode}:\n{(home / 'jupyterlab.log').read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline:
+                proc.kill()
+                pytest.fail("JupyterLab did not answer within 120 s")
+            time.sleep(0.5)
+    yield {"url": url, "token": token, "root": root}
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def _shutdown_kernels(lab) -> None:
+    """Stop every kernel of the server (each test's notebook ran one), freeing the CPU for the next test."""
+    api = f"{lab['url']}/api/kernels"
+    headers = {"Authorization": f"token {lab['token']}"}
+    with urllib.request.urlopen(urllib.request.Request(api, headers=headers), timeout=10) as r:
+        kernels = json.load(r)
+    for k in kernels:
+        req = urllib.request.Request(f"{api}/{k['id']}", method="DELETE", headers=headers)
+        urllib.request.urlopen(req, timeout=30).close()
+
+
+@pytest.fixture
+def page(browser, lab):
+    context = browser.new_context(viewport={"width": 1440, "height": 2400}, device_scale_factor=1)
+    p = context.new_page()
+    p.console_errors = []
+    p.on("console", lambda m: p.console_errors.append(m.text) if m.type == "error" else None)
+    p.on("pageerror", lambda e: p.console_errors.append(str(e)))
+    yield p
+    context.close()
+    _shutdown_kernels(lab)
+
+
+def shot(page, name: str, locator=None) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    (locator or page).screenshot(path=str(path))
+    return path
+
+
+def open_and_run(page, lab, notebook: str) -> None:
+    """Open a notebook, wait for its kernel, run all cells and wait until every code cell has run."""
+    workspace = notebook.removesuffix(".ipynb")              # a fresh workspace: only this notebook open
+    page.goto(f"{lab['url']}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={lab['token']}")
+    page.wait_for_selector(".jp-NotebookPanel .jp-Notebook .jp-Cell", timeout=120_000)
+    page.wait_for_function("() => document.body.innerText.includes('| Idle')", timeout=120_000)   # status bar
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    try:
+        page.wait_for_function(
+            """() => {
+                const cells = [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell')];
+                return cells.length > 0 && cells.every(c => /\\[\\d+\\]/.test(
+                    c.querySelector('.jp-InputArea-prompt')?.textContent || ''));
+            }""", timeout=RUN_TIMEOUT_MS)
+    except sync_api.TimeoutError:
+        shot(page, f"{notebook.removesuffix('.ipynb')}_timeout")
+        raise
+
+
+def assert_no_cell_errors(page, notebook: str) -> None:
+    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
+    assert errors.count() == 0, f"{notebook}: a cell raised:\n{errors.first.inner_text()[:2000]}"
+    widget_errors = page.locator(".dbrx-error-box")
+    assert widget_errors.count() == 0, f"{notebook}: a widget shows an error:\n{widget_errors.first.inner_text()}"
+
+
+def wait_for_plots(page, n: int) -> int:
+    """Wait until at least n plotly figures have drawn (an svg with data in it)."""
+    page.wait_for_function(
+        f"() => [...document.querySelectorAll('.js-plotly-plot')].filter(p => p.data && p.data.length"
+        f" && p.querySelector('.main-svg')).length >= {n}", timeout=120_000)
+    return page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length")
+
+
+def generated_text(page, selector: str) -> str:
+    return page.evaluate(f"() => [...document.querySelectorAll('{selector} .gen')].map(s => s.textContent).join('')")
+
+
+def test_ablation_lab_generates_and_diverges(page, lab):
+    open_and_run(page, lab, "04_ablation_lab.ipynb")
+    assert_no_cell_errors(page, "04_ablation_lab.ipynb")
+    lab_box = page.locator(".dbrx-lab").first
+    lab_box.wait_for(timeout=60_000)
+    page.locator(".dbrx-generate").wait_for(timeout=60_000)
+    shot(page, "04_ablation_lab_ready", lab_box)
+
+    # the suggested cells are on; toggle one more expert off (an unselected cell of the last layer)
+    selected = page.locator(".dbrx-cell.mod-active")
+    assert selected.count() >= 1, "the lab should start with suggested experts selected"
+    before = selected.count()
+    free = page.locator(".dbrx-cell:not(.mod-active)").last
+    free.scroll_into_view_if_needed()
+    free.click()
+    page.wait_for_function(f"() => document.querySelectorAll('.dbrx-cell.mod-active').length == {before + 1}",
+                           timeout=10_000)
+
+    page.locator(".dbrx-generate").click()
+    # tokens stream in while it runs; Stop is enabled meanwhile
+    page.wait_for_function("() => document.querySelectorAll('.dbrx-ablated-text .gen').length >= 1",
+                           timeout=120_000)
+    page.wait_for_selector(".dbrx-summary .dbrx-card", timeout=180_000)
+    wait_for_plots(page, 3)                                   # diff + cascade (+ the notebook's own figure)
+    assert page.locator(".dbrx-error-box").count() == 0, page.locator(".dbrx-error-box").first.inner_text()
+    baseline = generated_text(page, ".dbrx-baseline-text")
+    ablated = generated_text(page, ".dbrx-ablated-text")
+    assert baseline and ablated, "both generations should have appeared"
+    assert ablated != baseline, f"the ablated generation should differ from the baseline: {baseline!r}"
+    assert page.locator(".dbrx-ablated-text .diff").count() >= 1
+    summary = page.locator(".dbrx-summary").inner_text()
+    assert "First divergence at step" in summary, summary
+    assert page.locator(".dbrx-generate").is_enabled()
+    assert page.locator(".dbrx-stop").is_disabled()
+    shot(page, "04_ablation_lab_result", lab_box)
+    page.locator(".dbrx-fig-generation-diff").scroll_into_view_if_needed()
+    shot(page, "04_ablation_lab_viewport")
+
+
+@pytest.mark.parametrize("notebook, min_plots", [("01_quickstart.ipynb", 2), ("02_expert_routing.ipynb", 5),
+                                                 ("03_attention_maps.ipynb", 4)])
+def test_notebook_renders_figures(page, lab, notebook, min_plots):
+    open_and_run(page, lab, notebook)
+    assert_no_cell_errors(page, notebook)
+    n = wait_for_plots(page, min_plots)
+    assert n >= min_plots
+    widgets = page.locator(".dbrx-lab")
+    widgets.first.wait_for(timeout=60_000)
+    page.wait_for_timeout(1000)
+    stem = notebook.removesuffix(".ipynb")
+    for i in range(widgets.count()):
+        widgets.nth(i).scroll_into_view_if_needed()
+        shot(page, f"{stem}_widget{i}", widgets.nth(i))
+    plots = page.locator(".js-plotly-plot")
+    plots.first.scroll_into_view_if_needed()
+    shot(page, f"{stem}_first_figure", plots.first)
+    if notebook.startswith("02"):
+        check_dashboard_views(page, stem)
+    real_errors = [e for e in page.console_errors if "favicon" not in e]
+    assert not [e for e in real_errors if "Failed to load model class" in e or "anywidget" in e.lower()], real_errors
+
+
+def check_dashboard_views(page, stem: str) -> None:
+    """Click through the dashboard's views: each draws its figure (its title changes), without an error."""
+    dash = page.locator(".dbrx-lab", has=page.locator(".dbrx-dashboard-view")).first
+    for view, title in [("Co-activation", "co-activation"), ("Repetition", "repetition"),
+                        ("Specialization", "specialization"), ("Flow", "Cross-layer"), ("Usage", "Expert usage")]:
+        dash.locator(".dbrx-dashboard-view button", has_text=view).click()
+        page.wait_for_function(
+            "t => document.querySelector('.dbrx-fig-dashboard .js-plotly-plot .gtitle')?.textContent.includes(t)",
+            arg=title, timeout=30_000)
+        assert dash.locator(".dbrx-error-box").count() == 0, dash.locator(".dbrx-error-box").inner_text()
+        shot(page, f"{stem}_dashboard_{view.lower()}", dash)
+
+
+def test_routing_explorer_click_follows_token(page, lab):
+    """Clicking a cell of the routing map (a plotly FigureWidget through anywidget) selects that token."""
+    open_and_run(page, lab, "01_quickstart.ipynb")
+    explorer = page.locator(".dbrx-lab").first
+    explorer.wait_for(timeout=60_000)
+    fig = page.locator(".dbrx-fig-routing-map.js-plotly-plot")           # the FigureWidget (anywidget) view
+    fig.wait_for(timeout=60_000)
+    page.wait_for_function("() => document.querySelector('.dbrx-fig-routing-map.js-plotly-plot')?.data?.length",
+                           timeout=60_000)
+    before = page.locator(".dbrx-token-path").inner_text()
+    # click the first heatmap cell: position 0 at layer 0 (the plot area's top-left corner); plotly reports
+    # the point under the mouse from its hover state, so hover first
+    fig.scroll_into_view_if_needed()
+    box = fig.locator(".nsewdrag").first.bounding_box()
+    page.mouse.move(box["x"] + 10, box["y"] + 10)
+    page.wait_for_timeout(500)
+    page.mouse.click(box["x"] + 10, box["y"] + 10)
+    page.wait_for_function("() => document.querySelector('.dbrx-token-path').innerText.includes('position 0')",
+                           timeout=30_000)
+    after = page.locator(".dbrx-token-path").inner_text()
+    assert after != before
+    shot(page, "01_routing_explorer_clicked", explorer)
+
+    # a new prompt runs in a background thread and redraws the map (FigureWidget updated from the thread)
+    explorer.locator("textarea").fill("import os")
+    explorer.locator(".dbrx-run").click()
+    page.wait_for_function("() => document.querySelector('.dbrx-fig-routing-map.js-plotly-plot')"
+                           "?.data?.[0]?.z?.[0]?.length === 2", timeout=60_000)
+    page.wait_for_function("() => document.querySelector('.dbrx-token-path').innerText.includes('position 1')",
+                           timeout=30_000)
+    assert explorer.locator(".dbrx-error-box").count() == 0
