@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-__all__ = ["EXPERT_COLORS", "expert_color", "readable_token", "usage_heatmap", "routing_map", "routed_text",
+__all__ = ["EXPERT_COLORS", "expert_color", "readable_token", "text_color", "attention_pattern", "usage_heatmap", "routing_map", "routed_text",
            "routed_text_html", "attention_heatmap", "attention_grid", "coactivation_heatmap", "repetition_bars",
            "specialization_bars", "routing_sankey", "ablation_impact", "generation_diff", "routing_cascade"]
 
@@ -56,7 +56,7 @@ def _rgba(hex_color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def _text_color(hex_color: str) -> str:
+def text_color(hex_color: str) -> str:
     """Black or white, whichever reads better on the background (WCAG relative luminance)."""
     c = np.array([int(hex_color[i:i + 2], 16) / 255 for i in (1, 3, 5)])
     lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
@@ -313,12 +313,12 @@ def routed_text_html(trace, layer: int, batch: int = 0) -> str:
         tip = html.unescape(h.replace("<br>", "\n").replace("<b>", "").replace("</b>", ""))
         cls = "tok gen" if p >= trace.prompt_length else "tok"
         spans.append(f'<span class="{cls}" data-position="{p}" data-expert="{int(e)}" title="{html.escape(tip)}" '
-                     f'style="background:{color};color:{_text_color(color)}">{html.escape(_display_text(tok)) or "∅"}'
+                     f'style="background:{color};color:{text_color(color)}">{html.escape(_display_text(tok)) or "∅"}'
                      f'</span>')
     E = _n_experts(trace)
     generated = "; dotted underline: generated" if pos.size and pos.max() >= trace.prompt_length else ""
     legend = "".join(f'<span class="tok" title="expert {e}" style="background:{expert_color(e)};'
-                     f'color:{_text_color(expert_color(e))}">{e}</span>' for e in range(E))
+                     f'color:{text_color(expert_color(e))}">{e}</span>' for e in range(E))
     return (f'<div class="dbrx-routed-text" style="font-family:{html.escape(MONO)};font-size:14px;line-height:1.9">'
             f'<style>.dbrx-routed-text .tok{{white-space:pre-wrap;padding:2px 1px;margin:0 1px;border-radius:3px}}'
             f'.dbrx-routed-text .gen{{text-decoration:underline dotted;text-underline-offset:4px}}</style>'
@@ -349,7 +349,7 @@ def routed_text(trace, layer: int, batch: int = 0, width: int = 80) -> go.Figure
         fig.add_trace(go.Bar(
             orientation="h", y=[r[0] for r in mine], base=[r[1] for r in mine], x=[r[2] for r in mine],
             text=[r[3] for r in mine], textposition="inside", insidetextanchor="middle", textangle=0,
-            textfont=dict(family=MONO, size=13, color=_text_color(color)),
+            textfont=dict(family=MONO, size=13, color=text_color(color)),
             marker=dict(color=color, line=dict(color="white", width=2)), name=f"expert {e}",
             hovertext=[r[5] for r in mine], hoverinfo="text", width=0.86))
     n_lines = line + 1
@@ -362,7 +362,7 @@ def routed_text(trace, layer: int, batch: int = 0, width: int = 80) -> go.Figure
 
 
 # --- attention -----------------------------------------------------------------------------------
-def _attention(trace, layer: int, batch: int, max_tokens: int | None = None):
+def attention_pattern(trace, layer: int, batch: int, max_tokens: int | None = None):
     """(pattern [H_sel, Q, K] of real queries/keys, heads, query positions, key positions); with max_tokens,
     only the last max_tokens real tokens (as queries and as keys)."""
     if layer not in trace.attention:
@@ -407,7 +407,7 @@ def _attention_trace(trace, batch: int, a: np.ndarray, qpos, kpos, head: int, **
 def attention_heatmap(trace, layer: int, head: int, batch: int = 0, max_tokens: int | None = None) -> go.Figure:
     """Attention pattern of one head: query x key, labelled "token·position", real tokens only (with
     max_tokens: the last max_tokens of them). Values are the recorded weights (0 above the diagonal)."""
-    pattern, heads, qpos, kpos = _attention(trace, layer, batch, max_tokens)
+    pattern, heads, qpos, kpos = attention_pattern(trace, layer, batch, max_tokens)
     if head not in heads:
         raise ValueError(f"head {head} not recorded at layer {layer}; recorded heads: {heads}")
     fig = go.Figure(_attention_trace(trace, batch, pattern[heads.index(head)], qpos, kpos, head, zmin=0, zmax=1,
@@ -425,7 +425,7 @@ def attention_grid(trace, layer: int, batch: int = 0, cols: int | None = None,
                    max_tokens: int | None = None) -> go.Figure:
     """Every recorded head of a layer side by side (one shared colour scale 0..1); hover names the tokens.
     max_tokens: show only the last max_tokens real tokens (a grid holds heads x tokens^2 cells)."""
-    pattern, heads, qpos, kpos = _attention(trace, layer, batch, max_tokens)
+    pattern, heads, qpos, kpos = attention_pattern(trace, layer, batch, max_tokens)
     H = len(heads)
     cols = cols or min(H, 4 if H <= 16 else 8)
     rows = math.ceil(H / cols)

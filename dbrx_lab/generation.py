@@ -102,8 +102,12 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0,
 def stream(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, attention_mask=None, do_sample: bool = False,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
            eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-           stop: Callable[[], bool] | None = None) -> Iterator[Step]:
-    """Yield one Step per new token until every row hit an eos id, max_new_tokens, or `stop()` is true."""
+           stop: Callable[[], bool] | None = None, process_last: bool = False) -> Iterator[Step]:
+    """Yield one Step per new token until every row hit an eos id, max_new_tokens, or `stop()` is true.
+
+    process_last: after the last Step, run its tokens through the model too (one more cached forward), so
+    hooks see every generated token (generate_with_trace records the last token's routing this way).
+    """
     ids, attention_mask = prepare_prompt(model, prompt, attention_mask)
     B, T = ids.shape
     _check_sampling(model, max_new_tokens, do_sample, temperature, top_k, top_p, T)
@@ -136,11 +140,14 @@ def stream(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, attention_mask=
         tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
         finished = finished | torch.isin(tokens, eos)
         yield Step(i, pos, tokens, logits, finished.clone())
-        if bool(finished.all()) or i == max_new_tokens - 1 or (stop is not None and stop()):
+        done = bool(finished.all()) or i == max_new_tokens - 1 or (stop is not None and stop())
+        if done and not process_last:
             return
         if mask is not None:
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
         logits = model(tokens[:, None], mask, cache=cache, start=pos, last_only=True).logits[:, -1].float()
+        if done:
+            return
         pos += 1
 
 

@@ -42,7 +42,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x [B, heads, T, D] rotated with the rotate-half convention."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return (x * cos[:, None]).add_(rotated * sin[:, None])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ class ExpertGLU(nn.Module):
     def expert(self, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, d] through expert e -> (output [n, d], GLU hidden [n, F])."""
         rows = slice(e * self.ffn, (e + 1) * self.ffn)
-        h = F.silu(x @ self.w1[rows].T) * (x @ self.v1[rows].T)                   # [n, F]
+        h = F.silu(x @ self.w1[rows].T, inplace=True).mul_(x @ self.v1[rows].T)   # [n, F], in place
         return h @ self.w2[rows], h
 
 
@@ -170,40 +170,36 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor | None = None,
                 want_hidden_norm: bool = False):
-        """x [N, d], experts [N, k] -> (out, GLU hidden L2 norms [N, k] or None).
+        """x [N, d], experts [N, k] -> (out, GLU hidden L2 norms [N, k] float32, or None).
 
         out: each chosen expert's unweighted output [N, k, d]; or, given `weights` [N, k], the weighted
         sum over the k experts [N, d], accumulated per token without materialising [N, k, d].
-        Only routed (token, expert) pairs are computed: pairs are sorted by expert and each expert
-        that got tokens runs one batched GLU over them.
+        Only routed (token, expert) pairs are computed: pairs are sorted by expert and each expert that
+        got tokens runs one batched GLU over its tokens and adds the result into `out` (per-expert
+        buffers stay small, which keeps prefill free of large temporary allocations).
         """
         N, k = experts.shape
-        flat = experts.reshape(-1)                                                 # [N*k]
-        order = flat.argsort(stable=True)                                          # pairs by expert
+        flat = experts.reshape(-1)                                                 # [N*k] pair = (token, rank)
+        order = flat.argsort(stable=True)                                          # pairs sorted by expert
         counts = torch.bincount(flat, minlength=self.mlp.n_experts).tolist()
         token_of = order // k                                                      # [N*k]
-        xs = x[token_of]                                                           # [N*k, d]
-        outs, norms, start = [], [], 0
+        if weights is None:
+            out, dest, scale = x.new_zeros(N * k, x.shape[1]), order, None         # row of each pair
+        else:
+            out, dest, scale = x.new_zeros(N, x.shape[1]), token_of, weights.reshape(-1)[order, None]
+        hidden_norm = x.new_zeros(N * k, dtype=torch.float32) if want_hidden_norm else None
+        start = 0
         for e, n in enumerate(counts):
             if n:
-                out, h = self.mlp.expert(xs[start:start + n], e)
-                outs.append(out)
+                rows = slice(start, start + n)
+                y, h = self.mlp.expert(x[token_of[rows]], e)                      # [n, d], [n, F]
+                out.index_add_(0, dest[rows], y if scale is None else y.mul_(scale[rows]))
                 if want_hidden_norm:
-                    norms.append(h.float().norm(dim=-1))
+                    hidden_norm[order[rows]] = h.float().norm(dim=-1)
                 start += n
-        out = torch.cat(outs)                                                      # [N*k, d] by expert
-        hidden_norm = unsort(torch.cat(norms), order).view(N, k) if want_hidden_norm else None
-        if weights is None:
-            return unsort(out, order).view(N, k, -1), hidden_norm
-        out = out * weights.reshape(-1)[order, None]
-        return x.new_zeros(N, x.shape[1]).index_add_(0, token_of, out), hidden_norm
-
-
-def unsort(sorted_rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Rows sorted by `order` [n] back to their original places: result[order[i]] = sorted_rows[i]."""
-    out = torch.empty_like(sorted_rows)
-    out[order] = sorted_rows
-    return out
+        if want_hidden_norm:
+            hidden_norm = hidden_norm.view(N, k)
+        return (out.view(N, k, -1) if weights is None else out), hidden_norm
 
 
 class MoE(nn.Module):

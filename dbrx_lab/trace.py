@@ -695,20 +695,6 @@ def run_with_trace(model: "DbrxLM", input_ids, attention_mask=None, record: Reco
     return out, trace
 
 
-@contextlib.contextmanager
-def _capture_cache(model: "DbrxLM", caches: list):
-    """Keep the KV cache that generation.stream allocates, so the last token can be run through the model."""
-    def new_cache(batch: int, max_len: int):
-        caches.append(type(model).new_cache(model, batch, max_len))
-        return caches[-1]
-
-    model.new_cache = new_cache
-    try:
-        yield
-    finally:
-        del model.new_cache
-
-
 @torch.no_grad()
 def generate_with_trace(model: "DbrxLM", prompt, max_new_tokens: int = 50, record: Record | None = None,
                         on_step: Callable[[Any, dict], Any] | None = None,
@@ -745,17 +731,14 @@ def generate_with_trace(model: "DbrxLM", prompt, max_new_tokens: int = 50, recor
         names = [n for n in ("topk_experts", "topk_weights", "router_logits") if n in recorder.per_layer]
         return {"position": pos, **{n: recorder.stacked(n, pos) for n in names}}      # [L, B, ...]
 
-    steps, caches = [], []                      # stream yields >= 1 step; it never runs the last token
-    with _capture_cache(model, caches), model.hooks(recorder.hooks()):
-        for step in stream(model, prompt, max_new_tokens, **generate_kwargs):
+    steps = []                                  # stream yields >= 1 step; process_last runs the last token
+    with model.hooks(recorder.hooks()):
+        for step in stream(model, prompt, max_new_tokens, process_last=True, **generate_kwargs):
             if steps and on_step is not None:
                 with recorder.paused():
                     on_step(steps[-1], routing_at(steps[-1].position))
             steps.append(step)
         last, n = steps[-1], len(steps)
-        full_mask = None if mask is None else torch.cat(
-            [mask.long(), torch.ones(B, n, dtype=torch.long, device=mask.device)], dim=1)       # [B, T + n]
-        model(last.tokens[:, None], full_mask, cache=caches[-1], start=last.position, last_only=True)
     if on_step is not None:
         on_step(last, routing_at(last.position))
 

@@ -20,7 +20,7 @@ import ipywidgets as W
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from ..figures import MONO, _text_color, expert_color, readable_token
+from ..figures import MONO, expert_color, readable_token, text_color
 
 __all__ = ["LabWidget", "FigurePane", "ClickableFigure", "model_lock", "prompt_input", "figure_bundle", "fit_width",
            "token_html", "expert_chip"]
@@ -92,7 +92,7 @@ def prompt_input(text: str, chat: bool):
 def expert_chip(e: int, label: str | None = None) -> str:
     """An inline chip in expert e's colour."""
     c = expert_color(int(e))
-    return (f'<span class="dbrx-chip" style="background:{c};color:{_text_color(c)}">'
+    return (f'<span class="dbrx-chip" style="background:{c};color:{text_color(c)}">'
             f'{html.escape(label if label is not None else f"e{e}")}</span>')
 
 

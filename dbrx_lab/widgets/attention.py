@@ -150,7 +150,7 @@ class AttentionExplorer(LabWidget):
         if t is None or layer is None:
             return
         self.grid.show(figures.attention_grid(t, layer, batch=self.batch, max_tokens=self.max_tokens), fit=True)
-        pattern, heads, queries, _ = figures._attention(t, layer, self.batch, self.max_tokens)
+        pattern, heads, queries, _ = figures.attention_pattern(t, layer, self.batch, self.max_tokens)
         tokens = t.tokens[self.batch]
         keep_head = self.head.value if self.head.value in heads else heads[0]
         if self.query not in queries:
@@ -174,14 +174,14 @@ class AttentionExplorer(LabWidget):
         if self.trace is None or self.query is None or self.head.value is None:
             return
         q = self.query
-        first_key = int(figures._attention(self.trace, self.layer.value, self.batch, self.max_tokens)[3][0])
+        first_key = int(figures.attention_pattern(self.trace, self.layer.value, self.batch, self.max_tokens)[3][0])
         self.pattern.mark(dict(type="rect", x0=first_key - 0.5, x1=q + 0.5, y0=q - 0.5, y1=q + 0.5,
                                line=dict(color=SELECTED, width=3)))
         self.row.value = self.row_html(self.layer.value, self.head.value, q)
 
     def row_html(self, layer: int, head: int, query: int) -> str:
         """The tokens up to the query, each shaded by the attention weight the query gives it."""
-        pattern, heads, queries, keys = figures._attention(self.trace, layer, self.batch, self.max_tokens)
+        pattern, heads, queries, keys = figures.attention_pattern(self.trace, layer, self.batch, self.max_tokens)
         a = pattern[heads.index(head), list(queries).index(query)]                 # [K]
         tokens = self.trace.tokens[self.batch]
         peak = float(a.max()) if a.size and a.max() > 0 else 1.0

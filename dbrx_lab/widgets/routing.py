@@ -171,7 +171,7 @@ class RoutingExplorer(LabWidget):
                 color = figures.expert_color(int(e))
                 label = f"e{e} {w:.2f}" if w >= 0.18 else f"e{e}"
                 spans.append(f'<span title="expert {e}: weight {w:.3f}" style="flex:{w:.4f};background:{color};'
-                             f'color:{figures._text_color(color)}">{label}</span>')
+                             f'color:{figures.text_color(color)}">{label}</span>')
             if top1_only and rest > 1e-3:
                 spans.append(f'<span title="the other experts" style="flex:{rest:.4f};background:#EEF0F3;'
                              f'color:#888">others</span>')
