@@ -42,7 +42,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x [B, heads, T, D] rotated with the rotate-half convention."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos[:, None]).add_(rotated * sin[:, None])
+    return (x * cos[:, None]).add_(rotated.mul_(sin[:, None]))                    # x cos + rotated sin
 
 
 # ------------------------------------------------------------------------------------------------
