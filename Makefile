@@ -8,7 +8,7 @@ setup:
 
 lab:
 	./scripts/setup.sh
-	.venv/bin/jupyter lab notebooks/
+	.venv/bin/jupyter lab notebooks/ $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 test:
 	./scripts/setup.sh --browser
