@@ -21,8 +21,9 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from ..figures import MONO, expert_color, readable_token, text_color
+from ..trace import run_with_trace
 
-__all__ = ["LabWidget", "FigurePane", "ClickableFigure", "model_lock", "prompt_input", "figure_bundle", "fit_width",
+__all__ = ["LabWidget", "PromptTraceWidget", "FigurePane", "ClickableFigure", "model_lock", "prompt_input", "figure_bundle", "fit_width",
            "token_html", "expert_chip"]
 
 ACCENT = "#2F3E55"
@@ -303,3 +304,52 @@ class LabWidget:
             self._thread.join(timeout)
         return self
 
+
+
+class PromptTraceWidget(LabWidget):
+    """A LabWidget with a prompt box, an "as chat" toggle and Run: Run traces the prompt with `record()`
+    and shows the result with `set_trace` (subclasses define `record`, `set_trace` and `describe`)."""
+
+    model: Any
+    running_message = "running the model…"
+
+    def _prompt_row(self, model, prompt: str, chat: bool, rows: int, placeholder: str = "") -> W.Widget:
+        """Build `prompt`, `chat` and `run_button`; -> their row (an empty HTML when there is no model)."""
+        self.prompt = W.Textarea(value=prompt, placeholder=placeholder, rows=rows,
+                                 layout=W.Layout(flex="1 1 auto", width="auto"), disabled=model is None)
+        self.chat = W.Checkbox(value=chat, description="as chat", indent=False, layout=W.Layout(width="80px"),
+                               disabled=model is None)
+        self.run_button = W.Button(description="Run", button_style="primary", icon="play",
+                                   disabled=model is None, layout=W.Layout(width="90px"))
+        self.run_button.add_class("dbrx-run")
+        self.run_button.on_click(self._guard(lambda _: self.run(), "run"))
+        return W.HBox([self.prompt, W.VBox([self.run_button, self.chat])]) if model is not None else W.HTML("")
+
+    def record(self):
+        raise NotImplementedError
+
+    def set_trace(self, trace) -> None:
+        raise NotImplementedError
+
+    def describe(self, trace) -> str:
+        """The status line after a run."""
+        raise NotImplementedError
+
+    def run(self) -> None:
+        """Trace the prompt box's text (in the background when background=True)."""
+        if self.model is None:
+            raise ValueError("this explorer shows a given trace; pass model= to run prompts")
+        self.clear_error()
+        self.run_button.disabled = True
+        self._start(self._run_now, "run", on_exit=lambda: setattr(self.run_button, "disabled", False))
+
+    def _run_now(self) -> None:
+        text = self.prompt.value
+        if not text.strip():
+            raise ValueError("the prompt is empty: type some text")
+        self.set_status(self.running_message, (0, 1))
+        with model_lock(self.model):
+            _, trace = run_with_trace(self.model, prompt_input(text, self.chat.value), record=self.record())
+        self.batch = 0
+        self.set_trace(trace)
+        self.set_status(self.describe(trace))

@@ -7,15 +7,15 @@ import ipywidgets as W
 import numpy as np
 
 from .. import figures
-from ..trace import Record, run_with_trace
-from ._base import SELECTED, ClickableFigure, LabWidget, model_lock, prompt_input, token_html
+from ..trace import Record
+from ._base import SELECTED, ClickableFigure, PromptTraceWidget, token_html
 
 __all__ = ["AttentionExplorer"]
 
 DEFAULT_PROMPT = "The cat sat on the mat. The dog sat on the log. The cat"
 
 
-class AttentionExplorer(LabWidget):
+class AttentionExplorer(PromptTraceWidget):
     """Layer and head selectors, a grid of every head of the layer, the selected head's pattern, and the
     attention row of a query token (click a row of the pattern or a head in the grid, or pick the token).
 
@@ -32,13 +32,7 @@ class AttentionExplorer(LabWidget):
         self.model, self.trace, self.batch = model, None, batch
         self.record_layers, self.max_tokens = layers, max_tokens
         self.query: int | None = None
-        self.prompt = W.Textarea(value=prompt, rows=2, layout=W.Layout(flex="1 1 auto", width="auto"),
-                                 disabled=model is None)
-        self.chat = W.Checkbox(value=chat, description="as chat", indent=False, layout=W.Layout(width="80px"),
-                               disabled=model is None)
-        self.run_button = W.Button(description="Run", button_style="primary", icon="play",
-                                   disabled=model is None, layout=W.Layout(width="90px"))
-        self.run_button.add_class("dbrx-run")
+        prompt_row = self._prompt_row(model, prompt, chat, rows=2)
         self.layer = W.Dropdown(description="layer", options=[], layout=W.Layout(width="160px"))
         self.head = W.Dropdown(description="head", options=[], layout=W.Layout(width="160px"))
         self.token = W.Dropdown(description="query", options=[], layout=W.Layout(width="280px"))
@@ -47,7 +41,6 @@ class AttentionExplorer(LabWidget):
         self.row = W.HTML()
         self.row.add_class("dbrx-attention-row")
 
-        self.run_button.on_click(self._guard(lambda _: self.run(), "run"))
         self._observe(self.layer, lambda _: self._render_layer(), "layer")
         self._observe(self.head, lambda _: self._render_head(), "head")
         self._observe(self.token, self._on_token, "query")
@@ -56,7 +49,7 @@ class AttentionExplorer(LabWidget):
             "Attention explorer",
             "All heads of a layer (click one), the selected head's pattern (click a query row) and what that "
             "query token attends to.",
-            W.HBox([self.prompt, W.VBox([self.run_button, self.chat])]) if model is not None else W.HTML(""),
+            prompt_row,
             W.HBox([self.layer, self.head, self.token], layout=W.Layout(flex_flow="row wrap")),
             self.grid.widget,
             W.HBox([self.pattern.widget,
@@ -77,25 +70,13 @@ class AttentionExplorer(LabWidget):
         return self.head.value
 
     # --- actions -----------------------------------------------------------------------------------------
-    def run(self) -> None:
-        """Trace the prompt with attention (in the background when background=True)."""
-        if self.model is None:
-            raise ValueError("this explorer shows a given trace; pass model= to run prompts")
-        self.clear_error()
-        self.run_button.disabled = True
-        self._start(self._run_now, "run", on_exit=lambda: setattr(self.run_button, "disabled", False))
+    running_message = "running the model with attention capture…"
 
-    def _run_now(self) -> None:
-        text = self.prompt.value
-        if not text.strip():
-            raise ValueError("the prompt is empty: type some text")
-        self.set_status("running the model with attention capture…", (0, 1))
-        record = Record(router=True, attention=True if self.record_layers is None else list(self.record_layers))
-        with model_lock(self.model):
-            _, trace = run_with_trace(self.model, prompt_input(text, self.chat.value), record=record)
-        self.batch = 0
-        self.set_trace(trace)
-        self.set_status(f"{trace.seq_len} tokens · attention of layers {sorted(trace.attention)}")
+    def record(self) -> Record:
+        return Record(router=True, attention=True if self.record_layers is None else list(self.record_layers))
+
+    def describe(self, trace) -> str:
+        return f"{trace.seq_len} tokens · attention of layers {sorted(trace.attention)}"
 
     def set_trace(self, trace) -> None:
         """Show a trace with attention patterns."""

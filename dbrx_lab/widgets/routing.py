@@ -5,15 +5,15 @@ import ipywidgets as W
 import numpy as np
 
 from .. import analysis, figures
-from ..trace import Record, run_with_trace
-from ._base import SELECTED, ClickableFigure, LabWidget, expert_chip, model_lock, prompt_input, token_html
+from ..trace import Record
+from ._base import SELECTED, ClickableFigure, PromptTraceWidget, expert_chip, token_html
 
 __all__ = ["RoutingExplorer"]
 
 DEFAULT_PROMPT = "def add(a, b):\n    return a + b\n\nThe cat sat on the mat."
 
 
-class RoutingExplorer(LabWidget):
+class RoutingExplorer(PromptTraceWidget):
     """Prompt box and Run (or an existing trace), a layer slider, a top-1 / top-k toggle; click a cell of the
     routing map (or pick a token) to see that token's path through the layers with weights and margins.
 
@@ -29,13 +29,7 @@ class RoutingExplorer(LabWidget):
         self.model, self.trace, self.batch = model, None, batch
         self.position: int | None = None
         self._confidence = None
-        self.prompt = W.Textarea(value=prompt, placeholder="text to route", rows=3,
-                                 layout=W.Layout(flex="1 1 auto", width="auto"), disabled=model is None)
-        self.chat = W.Checkbox(value=chat, description="as chat", indent=False, layout=W.Layout(width="80px"),
-                               disabled=model is None)
-        self.run_button = W.Button(description="Run", button_style="primary", icon="play",
-                                   disabled=model is None, layout=W.Layout(width="90px"))
-        self.run_button.add_class("dbrx-run")
+        prompt_row = self._prompt_row(model, prompt, chat, rows=3, placeholder="text to route")
         self.layer = W.IntSlider(value=0, min=0, max=0, description="layer", continuous_update=False,
                                  layout=W.Layout(width="320px"))
         self.view = W.ToggleButtons(options=[("top-1", "top1"), ("top-k", "topk")], value="topk",
@@ -48,7 +42,6 @@ class RoutingExplorer(LabWidget):
         self.path = W.HTML()
         self.path.add_class("dbrx-token-path")
 
-        self.run_button.on_click(self._guard(lambda _: self.run(), "run"))
         self._observe(self.layer, lambda _: self._render_layer(), "layer")
         self._observe(self.view, lambda _: self._render_path(), "view")
         self._observe(self.token, self._on_token, "token")
@@ -63,33 +56,18 @@ class RoutingExplorer(LabWidget):
             "Routing explorer",
             "Each cell: the top-1 expert of a token at a layer (hover for the top-k and the router margin). "
             "Click a cell to follow that token through the layers.",
-            W.HBox([self.prompt, W.VBox([self.run_button, self.chat])]) if model is not None else W.HTML(""),
-            controls, self.map.widget, lower)
+            prompt_row, controls, self.map.widget, lower)
         if trace is not None:
             self._guard(self.set_trace, "trace")(trace)
         else:
             self._guard(self._run_now, "run")()
 
     # --- actions -----------------------------------------------------------------------------------------
-    def run(self) -> None:
-        """Trace the prompt box's text (in the background when background=True)."""
-        if self.model is None:
-            raise ValueError("this explorer shows a given trace; pass model= to run prompts")
-        self.clear_error()
-        self.run_button.disabled = True
-        self._start(self._run_now, "run", on_exit=lambda: setattr(self.run_button, "disabled", False))
+    def record(self) -> Record:
+        return Record(router=True)
 
-    def _run_now(self) -> None:
-        text = self.prompt.value
-        if not text.strip():
-            raise ValueError("the prompt is empty: type some text to route")
-        self.set_status("running the model…", (0, 1))
-        with model_lock(self.model):
-            _, trace = run_with_trace(self.model, prompt_input(text, self.chat.value), record=Record(router=True))
-        self.batch = 0
-        self.set_trace(trace)
-        self.set_status(f"{trace.seq_len} tokens · {trace.n_layers} layers · {trace.n_experts} experts, "
-                        f"top-{trace.top_k}")
+    def describe(self, trace) -> str:
+        return f"{trace.seq_len} tokens · {trace.n_layers} layers · {trace.n_experts} experts, top-{trace.top_k}"
 
     def set_trace(self, trace) -> None:
         """Show a trace (with routing); selects its last token."""
