@@ -123,8 +123,6 @@ def stream(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, attention_mask=
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(int(seed))
-    elif do_sample:
-        generator = None
     if max_new_tokens == 0:
         return
     device = model.device
@@ -158,9 +156,9 @@ def generate(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, streamer: Cal
     Greedy by default; `do_sample=True` with temperature/top_k/top_p, reproducible with `seed`.
     `streamer(step)` is called with each Step as it is produced.
     """
-    ids, _ = prepare_prompt(model, prompt, kwargs.get("attention_mask"))
+    ids, kwargs["attention_mask"] = prepare_prompt(model, prompt, kwargs.get("attention_mask"))
     new = []
-    for step in stream(model, prompt, max_new_tokens, **kwargs):
+    for step in stream(model, ids, max_new_tokens, **kwargs):
         new.append(step.tokens)
         if streamer is not None:
             streamer(step)
@@ -174,8 +172,8 @@ def generate_text(model: "DbrxLM", prompt, max_new_tokens: int = 50, **kwargs) -
     from .tokenizer import load_tokenizer
 
     tok = model.tokenizer or load_tokenizer()
-    ids, _ = prepare_prompt(model, prompt, kwargs.get("attention_mask"))
-    out = generate(model, prompt, max_new_tokens, **kwargs)[:, ids.shape[1]:]
+    ids, kwargs["attention_mask"] = prepare_prompt(model, prompt, kwargs.get("attention_mask"))
+    out = generate(model, ids, max_new_tokens, **kwargs)[:, ids.shape[1]:]
     eos = set(kwargs.get("eos_token_id") or model.config.eos_token_id or [])
     texts = []
     for row in out.tolist():

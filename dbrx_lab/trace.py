@@ -719,10 +719,11 @@ def generate_with_trace(model: "DbrxLM", prompt, max_new_tokens: int = 50, recor
 
     record = Record() if record is None else record
     ids, mask = prepare_prompt(model, prompt, generate_kwargs.get("attention_mask"))
+    generate_kwargs["attention_mask"] = mask
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if max_new_tokens == 0:
-        list(stream(model, prompt, 0, **generate_kwargs))                          # validates the settings
+        list(stream(model, ids, 0, **generate_kwargs))                          # validates the settings
         return ids, run_with_trace(model, ids, mask, record=record)[1]
     B, T = ids.shape
     recorder = Recorder(model, record, B, T + max_new_tokens)
@@ -733,7 +734,7 @@ def generate_with_trace(model: "DbrxLM", prompt, max_new_tokens: int = 50, recor
 
     steps = []                                  # stream yields >= 1 step; process_last runs the last token
     with model.hooks(recorder.hooks()):
-        for step in stream(model, prompt, max_new_tokens, process_last=True, **generate_kwargs):
+        for step in stream(model, ids, max_new_tokens, process_last=True, **generate_kwargs):
             if steps and on_step is not None:
                 with recorder.paused():
                     on_step(steps[-1], routing_at(steps[-1].position))
