@@ -7,14 +7,16 @@ Losses (all averaged over layers; router logits per layer are [N, E] for N token
   router z-loss   mean over tokens of logsumexp(logits)^2 (ST-MoE), weighted by `moe_z_loss_weight`.
 Router jitter (`moe_jitter_eps`) is applied by `model.Router` in training mode.
 
-Vocabulary shortlist (exact, cheaper full softmax): the demo corpus uses ~32k of the 100352 ids, ~21k of
-them at least 3 times. Every other id shares one lm_head row (the "rest" row), so the full softmax over
-100352 rows equals a softmax over the shortlist plus one extra logit h.w_rest + log(n_rest). Training
-computes that cheaper softmax (~5x fewer rows), and exporting copies the rest row into every other id's row:
-the saved model's full softmax is exactly the one that was trained.
+Compact vocabulary (exact, cheaper full softmax): the demo corpus uses ~32k of the 100352 ids, ~21k of
+them at least 3 times. Training runs a DbrxLM whose vocabulary is those ids plus one shared "rest" id that
+stands for all others (in wte and lm_head), so the full softmax over 100352 rows equals a softmax over the
+compact rows with log(n_rest) added to the rest logit. That is ~5x fewer softmax rows, and AdamW updates
+~5x fewer embedding rows. Exporting copies the rest row into every other id's row: the saved model's full
+softmax is exactly the one that was trained.
 
-Threads: on the shared 2-core machine, 2 torch threads ran a step ~3x slower than 1 (spin-waiting against
-other jobs), so `train-demo` defaults to `--threads 1`.
+Threads: on an idle 2-core machine 2 torch threads run a step ~1.6x faster than 1; on a machine busy with
+other jobs 2 threads ran ~3x slower than 1 (spin-waiting), hence `--threads`. The log records the threads
+and the load average, and the model card reports them.
 
 Mixed precision: bf16 autocast (`--amp`) is available but off: on the 2-core AMD EPYC (Zen 3, AVX2, no
 AVX512-BF16/AMX) it made the lm_head + cross-entropy step ~20x slower than float32 (150 s vs 7 s for 2048
@@ -99,11 +101,12 @@ def router_z_loss(router_logits: torch.Tensor | Sequence[torch.Tensor]) -> torch
 
 # ------------------------------------------------------------------------------------------------
 class VocabShortlist:
-    """The ids seen in training (`ids`, [S]) and one shared row for all other ids (`rest_row`).
+    """Maps the vocabulary onto a compact one: the ids seen in training (`ids`, [S]) keep their own rows and
+    every other id shares one "rest" row (`size` = S, or S+1 when some ids are unseen).
 
-    `logits(h, W)` -> [N, S(+1)]: the shortlist's logits and, when some ids are unseen, the rest class
-    h.W[rest_row] + log(n_rest). `targets(t)` -> column per target (unseen ids -> the rest column) and the
-    log(n_rest) to add to those tokens' loss, so the result is the exact CE of the exported model.
+    Training runs a DbrxLM whose vocab_size is `size` on `to_compact(ids)`; `loss` adds log(n_rest) to the
+    rest logit, so it is the exact CE of the full model that `expand` builds (every unseen id gets a copy of
+    the rest row in wte and lm_head).
     """
 
     def __init__(self, seen_ids: np.ndarray | torch.Tensor, vocab_size: int, min_count: int = 1) -> None:
@@ -118,32 +121,42 @@ class VocabShortlist:
         seen = torch.zeros(vocab_size, dtype=torch.bool)
         seen[ids] = True
         self.rest = (~seen).nonzero().squeeze(1)                                 # [n_rest]
-        self.rest_row = int(self.rest[0]) if self.rest.numel() else None
-        self.column = torch.full((vocab_size,), ids.numel(), dtype=torch.long)
+        self.size = ids.numel() + (1 if self.rest.numel() else 0)
+        self.column = torch.full((vocab_size,), ids.numel(), dtype=torch.long)   # full id -> compact row
         self.column[ids] = torch.arange(ids.numel())
+        self.logit_bias = torch.zeros(self.size)                                 # [size]
+        if self.rest.numel():
+            self.logit_bias[-1] = math.log(self.rest.numel())
 
-    def logits(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """h [N, d], lm_head weight [V, d] -> [N, S] or [N, S+1]."""
-        out = h @ weight[self.ids].T
-        if self.rest_row is None:
-            return out
-        rest = h @ weight[self.rest_row] + math.log(self.rest.numel())
-        return torch.cat([out, rest[:, None]], dim=-1)
+    def to_compact(self, ids: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary ids (any shape) -> compact ids in [0, size)."""
+        return self.column.to(ids.device)[ids]
 
     def loss(self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
              reduction: str = "mean") -> torch.Tensor:
-        """Exact next-token CE (nats) of the exported model: h [N, d], targets [N] ids."""
-        cols = self.column.to(targets.device)[targets]
-        ce = F.cross_entropy(self.logits(h, weight).float(), cols, reduction="none")
-        if self.rest_row is not None:
-            ce = ce + (cols == self.ids.numel()).float() * math.log(self.rest.numel())
+        """Exact next-token CE (nats) of the expanded model: h [N, d], compact lm_head weight [size, d],
+        targets [N] full-vocabulary ids."""
+        cols = self.to_compact(targets)
+        bias = self.logit_bias.to(device=h.device, dtype=h.dtype)
+        logits = torch.addmm(bias, h, weight.T).float()                          # [N, size]
+        ce = F.cross_entropy(logits, cols, reduction="none") + bias.float()[cols]
         return ce.mean() if reduction == "mean" else ce
 
+    def expand_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """Compact rows [size, d] -> full-vocabulary rows [vocab_size, d] (unseen ids copy the rest row)."""
+        return weight[self.column.to(weight.device)]
+
     @torch.no_grad()
-    def fill_rest(self, weight: torch.Tensor) -> None:
-        """Copy the shared rest row into every unseen id's row of the lm_head weight [V, d]."""
-        if self.rest_row is not None:
-            weight[self.rest] = weight[self.rest_row].clone()
+    def expand(self, model: DbrxLM) -> DbrxLM:
+        """The full-vocabulary DbrxLM equal to the compact `model` on every input."""
+        cfg = dataclasses.replace(model.config, vocab_size=self.vocab_size)
+        with torch.device("meta"):
+            full = DbrxLM(cfg)
+        state = dict(model.state_dict())
+        for name in ("transformer.wte.weight", "lm_head.weight"):
+            state[name] = self.expand_rows(state[name])
+        full.load_state_dict(state, strict=True, assign=True)
+        return full.train(model.training)
 
 
 def final_hidden(model: DbrxLM, input_ids: torch.Tensor):
@@ -162,7 +175,7 @@ def final_hidden(model: DbrxLM, input_ids: torch.Tensor):
 class TrainConfig:
     """The deterministic recipe: AdamW, linear warm-up then cosine decay to `min_lr_ratio` * lr."""
 
-    steps: int = 570
+    steps: int = 1800
     batch_size: int = 8             # sequences per step, half prose and half code
     seq_len: int = 256
     lr: float = 5e-3
@@ -217,10 +230,11 @@ def make_optimizer(model: DbrxLM, tcfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def training_loss(model: DbrxLM, batch: torch.Tensor, shortlist: VocabShortlist, amp: bool = False):
-    """batch [B, T+1] -> (total loss, {"lm", "lb", "z"} floats)."""
+    """Compact `model` (vocab_size = shortlist.size), batch [B, T+1] full-vocabulary ids
+    -> (total loss, {"lm", "lb", "z"} floats)."""
     cfg = model.config
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-        h, router_logits = final_hidden(model, batch[:, :-1])
+        h, router_logits = final_hidden(model, shortlist.to_compact(batch[:, :-1]))
         lm = shortlist.loss(h.reshape(-1, h.shape[-1]), model.lm_head.weight, batch[:, 1:].reshape(-1))
     lb = load_balancing_loss(router_logits, cfg.moe_top_k, cfg.moe_num_experts)
     z = router_z_loss(router_logits)
@@ -231,7 +245,7 @@ def training_loss(model: DbrxLM, batch: torch.Tensor, shortlist: VocabShortlist,
 @torch.no_grad()
 def evaluate(model: DbrxLM, windows: dict[str, torch.Tensor], shortlist: VocabShortlist,
              chunk: int = 8) -> dict[str, float]:
-    """Mean exact CE (nats/token) per domain on fixed windows [n, T+1]."""
+    """Mean exact CE (nats/token) per domain of the compact `model` on fixed windows [n, T+1] of full ids."""
     was_training = model.training
     model.eval()
     out = {}
@@ -239,7 +253,7 @@ def evaluate(model: DbrxLM, windows: dict[str, torch.Tensor], shortlist: VocabSh
         total, count = 0.0, 0
         for i in range(0, len(w), chunk):
             b = w[i:i + chunk]
-            h, _ = final_hidden(model, b[:, :-1])
+            h, _ = final_hidden(model, shortlist.to_compact(b[:, :-1]))
             ce = shortlist.loss(h.reshape(-1, h.shape[-1]), model.lm_head.weight, b[:, 1:].reshape(-1), "none")
             total, count = total + ce.sum().item(), count + ce.numel()
         out[domain] = total / count
@@ -286,7 +300,8 @@ def load_checkpoint(folder: Path, model: DbrxLM, opt: torch.optim.AdamW) -> dict
 # ------------------------------------------------------------------------------------------------
 def train(out: str | Path, tcfg: TrainConfig, model_cfg: DbrxConfig, corpus, resume: bool = False,
           progress: bool = True, time_limit_s: float | None = None) -> DbrxLM:
-    """Train on `corpus` (demo_data.Corpus) -> the model; writes `out`/checkpoint/ and `out`/training_log.jsonl.
+    """Train on `corpus` (demo_data.Corpus) -> the full-vocabulary model (`.shortlist` attached); writes
+    `out`/checkpoint/ (the compact model and AdamW state) and `out`/training_log.jsonl.
 
     Every step is a function of (seed, step) only (data offsets, router jitter), so a run resumed from a
     checkpoint continues exactly as the uninterrupted run. Stops early (resumable) after `time_limit_s`.
@@ -305,7 +320,7 @@ def train(out: str | Path, tcfg: TrainConfig, model_cfg: DbrxConfig, corpus, res
     windows = {d: w for d, w in windows.items() if w is not None}
 
     torch.manual_seed(tcfg.seed)
-    model = DbrxLM(model_cfg).float()
+    model = DbrxLM(dataclasses.replace(model_cfg, vocab_size=shortlist.size)).float()
     model.train()
     opt = make_optimizer(model, tcfg)
     start, elapsed = 0, 0.0
@@ -342,6 +357,7 @@ def train(out: str | Path, tcfg: TrainConfig, model_cfg: DbrxConfig, corpus, res
             last = step + 1 == tcfg.steps
             if (step + 1) % tcfg.eval_every == 0 or last or step == 0:
                 record.update({f"val_{d}": v for d, v in evaluate(model, windows, shortlist).items()})
+                record.update(threads=torch.get_num_threads(), load_avg_1m=os.getloadavg()[0])
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(lm=f"{parts['lm']:.3f}", lb=f"{parts['lb']:.3f}", lr=f"{lr:.1e}")
@@ -352,10 +368,9 @@ def train(out: str | Path, tcfg: TrainConfig, model_cfg: DbrxConfig, corpus, res
                 print(f"time limit reached after step {step + 1}; continue with --resume", file=sys.stderr)
                 break
     bar.close()
-    model.eval()
-    shortlist.fill_rest(model.lm_head.weight)
-    model.shortlist = shortlist
-    return model
+    full = shortlist.expand(model).eval()
+    full.shortlist = shortlist
+    return full
 
 
 def export_demo(model: DbrxLM, out: str | Path) -> Path:
@@ -376,12 +391,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps (default %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a busy 2-core machine 2 threads ran 3x slower)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's, one per core; use 1 on a machine busy with "
+                             "other jobs, where more threads spin-wait)")
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--seq-len", type=int, default=TrainConfig.seq_len)
     parser.add_argument("--max-tokens", type=int, default=None,
-                        help="cap on each domain's corpus tokens (default: 1M code, all prose)")
+                        help="cap on each domain's corpus tokens (default: everything)")
     parser.add_argument("--model", choices=["demo", "tiny-vocab"], default="demo",
                         help="model shape: the demo's, or the small 'tiny-vocab' preset (for quick checks)")
     parser.add_argument("--time-limit", type=float, default=None, help="stop (resumably) after this many minutes")
@@ -406,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
     tcfg = TrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len,
                        amp=args.amp, warmup_steps=min(TrainConfig.warmup_steps, max(1, args.steps // 10)))
     cap = args.max_tokens
-    corpus = build_corpus({"prose": cap, "code": cap} if cap else {"code": 1_000_000})
+    corpus = build_corpus({"prose": cap, "code": cap} if cap else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "corpus.json").write_text(json.dumps(corpus.stats, indent=2) + "\n")
@@ -614,6 +630,16 @@ def _bare_line_png(path: Path, series: list[tuple[np.ndarray, np.ndarray]], w: i
     path.write_bytes(png)
 
 
+def _threads_and_load(log: list[dict]) -> str:
+    """'2 torch threads; mean 1-minute load average 2.1' from the eval records of a training log."""
+    evals = [r for r in log if "load_avg_1m" in r]
+    if not evals:
+        return "torch threads not recorded"
+    threads = sorted({r["threads"] for r in evals})
+    load = np.mean([r["load_avg_1m"] for r in evals])
+    return f"{'/'.join(map(str, threads))} torch thread(s); mean 1-minute load average {load:.1f} while training"
+
+
 def _fmt_row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -693,12 +719,12 @@ def write_model_card(folder: str | Path, corpus=None, tcfg: TrainConfig | None =
           f"{tcfg.seq_len} tokens per step, half prose and half code, at offsets drawn from (seed, step); float32.",
           f"- Loss: next-token cross-entropy + {cfg.moe_loss_weight} x load-balancing loss (DBRX form, 1.0 when "
           f"balanced) + {cfg.moe_z_loss_weight} x router z-loss; router jitter eps {cfg.moe_jitter_eps}.",
-          f"- Vocabulary shortlist: the {tcfg.min_count}+ times seen ids of the training split get their own lm_head "
-          f"rows; all other ids share one row, so the softmax over {cfg.vocab_size} rows is computed exactly but "
-          f"cheaply (see `dbrx_lab.train.VocabShortlist`).",
+          f"- Compact vocabulary: the ids seen {tcfg.min_count}+ times in the training split get their own wte and "
+          f"lm_head rows, all other ids share one row (copied into each of their rows on export), so the softmax "
+          f"over {cfg.vocab_size} rows is computed exactly but cheaply (see `dbrx_lab.train.VocabShortlist`).",
           f"- Steps: {last['step'] + 1}; tokens seen: {last['tokens']:,}; training time: "
           f"{last['elapsed_s'] / 60:.1f} min on {platform.machine()} with {os.cpu_count()} CPU cores "
-          f"({platform.processor() or 'CPU'}; 1 torch thread; the machine was shared with other jobs).",
+          f"({platform.processor() or 'CPU'}; {_threads_and_load(log)}).",
           "- bf16 autocast was measured and not used: no bf16 units on this CPU, ~20x slower than float32.",
           *([f"- Note: {notes}"] if notes else []),
           "",

@@ -11,9 +11,8 @@ from dbrx_lab.train import (EVAL_DIR, MAX_DEMO_BYTES, USED_SHARE, eval_text_loss
                             route_windows)
 
 DEMO = Path(dbrx_lab.__file__).parent / "data" / "demo"
-# Issue goals: prose < 6.5 and code < 5.0 nats/token on unseen text. The shipped model reaches the values in
-# MODEL_CARD.md; these bounds hold it to them (with a small margin), not to the goals it does not yet meet.
-MAX_CE = {"prose": 6.5, "code": 5.9}
+# The issue's goals on unseen text, in nats/token (the shipped model: prose 6.05, code 4.94; MODEL_CARD.md).
+MAX_CE = {"prose": 6.5, "code": 5.0}
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +86,10 @@ def test_code_and_prose_route_differently_than_at_init(model, eval_ids):
     torch.manual_seed(0)
     init = dbrx_lab.DbrxLM(cfg).eval()
 
-    def js(m):
-        p, c = (expert_shares(route_windows(m, eval_ids[d][None, :512]), 16) for d in ("prose", "code"))
+    def js(m):                                                 # over the whole of both texts
+        p, c = (expert_shares(torch.cat([route_windows(m, w[None]) for w in eval_ids[d].split(512)], dim=1), 16)
+                for d in ("prose", "code"))
         return js_divergence(c, p)
 
-    trained, untrained = js(model), js(init)
-    assert (trained > 2 * untrained).sum() >= 3, (trained, untrained)
+    trained, untrained = js(model), js(init)                   # shipped: 2.2x-5x the init's in every layer
+    assert (trained > 1.5 * untrained).all() and (trained > 2 * untrained).sum() >= 3, (trained, untrained)
