@@ -24,7 +24,39 @@ if TYPE_CHECKING:
     from .interventions import Intervention
     from .trace import Record, Trace
 
-__all__ = ["DbrxLM", "DbrxOutput", "KVCache"]
+__all__ = ["DbrxLM", "DbrxOutput", "KVCache", "linear"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Matrix products for decoding
+SPLIT_MAX_ROWS = 4      # inputs with at most this many rows take the split path on a multi-threaded CPU
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [n, in] @ weight[out, in].T -> [n, out]; `weight` may be any strided view (e.g. a transpose).
+
+    Decoding multiplies a few rows by large matrices, and torch runs such a matrix-vector product on one
+    core at a fraction of the memory bandwidth. With P > 1 CPU threads and n <= SPLIT_MAX_ROWS, `out` is
+    cut into P slices that run as one bmm (torch parallelises a bmm over its batch): each output element is
+    still one dot product over `in`, so results match the plain product.
+    """
+    n, P = x.shape[0], torch.get_num_threads()
+    out = weight.shape[0]
+    if n > SPLIT_MAX_ROWS or P < 2 or out % P or x.device.type != "cpu" or out < 64 * P:
+        return x @ weight.T
+    w = weight.unflatten(0, (P, out // P)).transpose(1, 2)                       # [P, in, out/P]
+    y = torch.bmm(x.expand(P, n, x.shape[1]), w)                                 # [P, n, out/P]
+    return y.transpose(0, 1).reshape(n, out)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias whose forward uses `linear` (the decoding fast path); same state dict."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,8 +100,8 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
-        self.Wqkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * cfg.kv_n_heads * cfg.head_dim, bias=False)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.Wqkv = Linear(cfg.d_model, cfg.d_model + 2 * cfg.kv_n_heads * cfg.head_dim)
+        self.out_proj = Linear(cfg.d_model, cfg.d_model)
         self.hook_q = HookPoint()        # [B, H, T, D] after clip and RoPE
         self.hook_k = HookPoint()        # [B, K, T, D] after clip and RoPE (this call's tokens only)
         self.hook_v = HookPoint()        # [B, K, T, D]
@@ -159,8 +191,8 @@ class ExpertGLU(nn.Module):
     def expert(self, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, d] through expert e -> (output [n, d], GLU hidden [n, F])."""
         rows = slice(e * self.ffn, (e + 1) * self.ffn)
-        h = F.silu(x @ self.w1[rows].T, inplace=True).mul_(x @ self.v1[rows].T)   # [n, F], in place
-        return h @ self.w2[rows], h
+        h = F.silu(linear(x, self.w1[rows]), inplace=True).mul_(linear(x, self.v1[rows]))   # [n, F]
+        return linear(h, self.w2[rows].T), h
 
 
 class Experts(nn.Module):
@@ -308,7 +340,7 @@ class DbrxLM(HookedMixin, nn.Module):
         super().__init__()
         self.config = cfg
         self.transformer = Transformer(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.hook_embed = HookPoint()   # [B, T, d]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dbrx_lab import PRESETS, DbrxLM
-from dbrx_lab.model import ExpertGLU
+from dbrx_lab.model import ExpertGLU, linear
 
 transformers = pytest.importorskip("transformers")
 
@@ -184,3 +184,21 @@ def test_bad_attention_mask_and_start_rejected(tiny_model):
         tiny_model(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 4))
     with pytest.raises(ValueError, match="exceeds max_seq_len=256"):
         tiny_model(torch.zeros(1, 3, dtype=torch.long), start=254)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_linear_matches_the_plain_product(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for out, inp in ((1536, 64), (1000, 96), (130, 40)):    # split in 2/3 slices, or not divisible
+            w = torch.randn(out, inp, generator=g)
+            for n in (1, 3, 4, 9):
+                x = torch.randn(n, inp, generator=g)
+                assert torch.allclose(linear(x, w), x @ w.T, atol=1e-5, rtol=1e-5), (out, n)
+                assert linear(x, w).shape == (n, out)
+            h = torch.randn(2, out, generator=g)             # weight as a transposed view: h @ w -> [2, inp]
+            assert torch.allclose(linear(h, w.T), h @ w, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)

@@ -79,6 +79,27 @@ def test_greedy_generation(pair, make_ids):
     assert torch.equal(out, ref)
 
 
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads, as on the 2-core machine: decoding takes the split matrix-vector path."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_greedy_generation_and_decode_logits_with_two_threads(pair, make_ids, two_threads):
+    hf, ours = pair
+    ids = make_ids(1, 6, seed=3)
+    ref = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0,
+                      output_logits=True, return_dict_in_generate=True)
+    steps = []
+    out = ours.generate(ids, max_new_tokens=20, streamer=steps.append)
+    assert torch.equal(out, ref.sequences)
+    logits = torch.stack([s.logits for s in steps], dim=1)                  # [1, 20, V]
+    torch.testing.assert_close(logits, torch.stack(ref.logits, dim=1), atol=1e-4, rtol=0)
+
+
 def test_greedy_generation_left_padded(pair, make_ids):
     hf, ours = pair
     ids, mask = padded_batch(make_ids)
