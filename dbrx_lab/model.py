@@ -71,10 +71,11 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D] rotated with the rotate-half convention."""
+    """x [B, T, heads, D] rotated with the rotate-half convention; cos, sin [B, T, D]."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos[:, None]).add_(rotated.mul_(sin[:, None]))                    # x cos + rotated sin
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    return (x * cos).add_(rotated.mul_(sin))                                       # x cos + rotated sin
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,12 +121,10 @@ class Attention(nn.Module):
         qkv = self.Wqkv(x)                                                         # [B, T, (H+2K)D]
         if self.cfg.clip_qkv is not None:
             qkv = qkv.clamp(min=-self.cfg.clip_qkv, max=self.cfg.clip_qkv)
-        q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)                                     # [B, H, T, D]
-        k = k.view(B, T, K, D).transpose(1, 2)                                     # [B, K, T, D]
-        v = v.view(B, T, K, D).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        qk = apply_rope(qkv[..., :(H + K) * D].view(B, T, H + K, D), cos, sin)    # q and k heads at once
+        q = self.hook_q(qk[:, :, :H].transpose(1, 2))                              # [B, H, T, D]
+        k = self.hook_k(qk[:, :, H:].transpose(1, 2))                              # [B, K, T, D]
+        v = self.hook_v(qkv[..., (H + K) * D:].view(B, T, K, D).transpose(1, 2))  # [B, K, T, D]
         if cache is not None:
             k, v = cache.update(start, k, v)                                       # [B, K, S, D]
         if self.wants_pattern():
@@ -194,6 +193,24 @@ class ExpertGLU(nn.Module):
         h = F.silu(linear(x, self.w1[rows]), inplace=True).mul_(linear(x, self.v1[rows]))   # [n, F]
         return linear(h, self.w2[rows].T), h
 
+    def expert_pair(self, x: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One token x [1, d] through experts a < b at once -> (outputs [2, d], GLU hiddens [2, F]).
+
+        Expert b's rows lie a fixed stride after expert a's, so each weight gives a [2, F, d] view and each
+        product is one bmm that runs on two threads (decoding). None when the weights are not contiguous.
+        """
+        Fh, d = self.ffn, x.shape[1]
+        if not (self.w1.is_contiguous() and self.v1.is_contiguous() and self.w2.is_contiguous()):
+            return None
+
+        def pair(w: torch.Tensor) -> torch.Tensor:                                # [2, F, d]
+            return w.as_strided((2, Fh, d), ((b - a) * Fh * d, d, 1), w.storage_offset() + a * Fh * d)
+
+        x2 = x.expand(2, 1, d)
+        h = F.silu(torch.bmm(x2, pair(self.w1).transpose(1, 2)), inplace=True)   # [2, 1, F]
+        h = h.mul_(torch.bmm(x2, pair(self.v1).transpose(1, 2)))
+        return torch.bmm(h, pair(self.w2)).squeeze(1), h.squeeze(1)
+
 
 class Experts(nn.Module):
     def __init__(self, cfg: DbrxConfig) -> None:
@@ -211,6 +228,10 @@ class Experts(nn.Module):
         buffers stay small, which keeps prefill free of large temporary allocations).
         """
         N, k = experts.shape
+        if N == 1 and k > 1 and torch.get_num_threads() > 1 and x.device.type == "cpu" and not x.requires_grad:
+            fast = self._one_token(x, experts[0].tolist(), weights, want_hidden_norm)
+            if fast is not None:
+                return fast
         flat = experts.reshape(-1)                                                 # [N*k] pair = (token, rank)
         order = flat.argsort(stable=True)                                          # pairs sorted by expert
         counts = torch.bincount(flat, minlength=self.mlp.n_experts).tolist()
@@ -232,6 +253,31 @@ class Experts(nn.Module):
         if want_hidden_norm:
             hidden_norm = hidden_norm.view(N, k)
         return (out.view(N, k, -1) if weights is None else out), hidden_norm
+
+    def _one_token(self, x: torch.Tensor, chosen: list[int], weights: torch.Tensor | None, want_hidden_norm: bool):
+        """Decoding one token: the chosen experts two at a time (`ExpertGLU.expert_pair`); same results as
+        `forward`, outputs added in ascending expert order. None when the pair path does not apply."""
+        k = len(chosen)
+        ranks = sorted(range(k), key=chosen.__getitem__)                          # ranks by expert id
+        outs: list = [None] * k
+        hidden: list = [None] * k
+        for i in range(0, k - 1, 2):
+            r, s = ranks[i], ranks[i + 1]
+            got = self.mlp.expert_pair(x, chosen[r], chosen[s])
+            if got is None:
+                return None
+            (outs[r], outs[s]), (hidden[r], hidden[s]) = got[0].unbind(), got[1].unbind()
+        if k % 2:
+            y, h = self.mlp.expert(x, chosen[ranks[-1]])
+            outs[ranks[-1]], hidden[ranks[-1]] = y[0], h[0]
+        hidden_norm = torch.stack([h.float().norm() for h in hidden])[None] if want_hidden_norm else None
+        if weights is None:
+            return torch.stack(outs)[None], hidden_norm                            # [1, k, d]
+        w = weights[0].tolist()
+        out = outs[ranks[0]] * w[ranks[0]]
+        for r in ranks[1:]:
+            out = out.add_(outs[r], alpha=w[r])
+        return out[None], hidden_norm                                              # [1, d]
 
 
 class MoE(nn.Module):
