@@ -14,6 +14,7 @@ attach hooks/interventions with the context managers, which clean up):
   hf_checkpoint       session   folder written by HF's save_pretrained from hf_pair's model
   tiny_vocab_model    session   load_model("tiny-vocab"): real 100352-token vocab with the tokenizer attached
   make_ids            function  make_ids(B, T, seed=0, vocab=512) -> LongTensor [B, T] of random token ids
+  two_threads         function  torch.set_num_threads(2) for the test, restored afterwards
 """
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ def widen_(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.
         r = torch.randn(p.shape, generator=g)
         p.copy_(r * std if p.ndim > 1 else 1.0 + 0.1 * r)
     return model
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads for one test, as on the 2-core machine: decoding takes its multi-threaded paths
+    (model.linear's split products, ExpertGLU.expert_pair)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

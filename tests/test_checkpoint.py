@@ -329,6 +329,16 @@ def test_auto_device_map_with_disk_offload(block4_checkpoint, tmp_path, make_ids
     assert torch.equal(dispatched.generate(ids, max_new_tokens=5), model.generate(ids, max_new_tokens=5))
 
 
+def test_disk_offload_decodes_one_sequence_alike_with_two_threads(block4_checkpoint, tmp_path, make_ids,
+                                                                   two_threads):
+    model, folder = block4_checkpoint
+    top, block = block_bytes(model)
+    dispatched = load_model(folder, device_map="auto", max_memory={"cpu": top + 2 * block},
+                            offload_folder=tmp_path / "offload")
+    ids = make_ids(1, 7, seed=4)                                   # one row: the one-token expert path
+    assert torch.equal(dispatched.generate(ids, max_new_tokens=6), model.generate(ids, max_new_tokens=6))
+
+
 def test_hooks_fire_under_dispatch(block4_checkpoint, tmp_path, make_ids):
     model, folder = block4_checkpoint
     device_map = {"transformer.wte": "cpu", "transformer.blocks.0": "cpu", "transformer.blocks.1": "disk",

@@ -202,3 +202,27 @@ def test_linear_matches_the_plain_product(threads):
             assert torch.allclose(linear(h, w.T), h @ w, atol=1e-5, rtol=1e-5)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("chosen", [[5, 2, 9, 14], [7, 3, 11], [15, 0]])
+def test_one_token_expert_pairs_match_the_grouped_path(tiny_model, chosen, two_threads):
+    experts = tiny_model.blocks[0].ffn.experts
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, tiny_model.config.d_model, generator=g)
+    idx = torch.tensor([chosen])
+    w = torch.rand(1, len(chosen), generator=g)
+    calls = []
+    pair = experts.mlp.expert_pair
+    experts.mlp.expert_pair = lambda *a: calls.append(a[1:]) or pair(*a)
+    try:
+        with torch.no_grad():
+            fast = experts(x, idx, w, want_hidden_norm=True), experts(x, idx, None, want_hidden_norm=True)
+            torch.set_num_threads(1)                                  # the grouped path
+            slow = experts(x, idx, w, want_hidden_norm=True), experts(x, idx, None, want_hidden_norm=True)
+    finally:
+        del experts.mlp.expert_pair
+    assert calls[:len(chosen) // 2] == [tuple(p) for p in zip(*[iter(sorted(chosen))] * 2)]
+    for (out_f, norm_f), (out_s, norm_s) in zip(fast, slow):
+        assert out_f.shape == out_s.shape
+        torch.testing.assert_close(out_f, out_s, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(norm_f, norm_s, atol=1e-5, rtol=1e-5)

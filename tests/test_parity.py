@@ -79,15 +79,6 @@ def test_greedy_generation(pair, make_ids):
     assert torch.equal(out, ref)
 
 
-@pytest.fixture
-def two_threads():
-    """Two intra-op threads, as on the 2-core machine: decoding takes the split matrix-vector path."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_greedy_generation_and_decode_logits_with_two_threads(pair, make_ids, two_threads):
     hf, ours = pair
     ids = make_ids(1, 6, seed=3)
