@@ -255,8 +255,8 @@ class Experts(nn.Module):
         return (out.view(N, k, -1) if weights is None else out), hidden_norm
 
     def _one_token(self, x: torch.Tensor, chosen: list[int], weights: torch.Tensor | None, want_hidden_norm: bool):
-        """Decoding one token: the chosen experts two at a time (`ExpertGLU.expert_pair`); same results as
-        `forward`, outputs added in ascending expert order. None when the pair path does not apply."""
+        """Decoding one token: the chosen experts two at a time (`ExpertGLU.expert_pair`); the grouped path's
+        function (up to float rounding), outputs added in ascending expert order. None when pairs do not apply."""
         k = len(chosen)
         ranks = sorted(range(k), key=chosen.__getitem__)                          # ranks by expert id
         outs: list = [None] * k
