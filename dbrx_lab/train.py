@@ -639,7 +639,8 @@ def _threads_and_load(log: list[dict]) -> str:
         return "torch threads not recorded"
     threads = sorted({r["threads"] for r in evals})
     load = np.mean([r["load_avg_1m"] for r in evals])
-    return f"{'/'.join(map(str, threads))} torch thread(s); mean 1-minute load average {load:.1f} while training"
+    return (f"{'/'.join(map(str, threads))} torch thread(s); mean 1-minute load average {load:.1f} while training, "
+            f"its own threads included")
 
 
 def _fmt_row(cells) -> str:
