@@ -42,7 +42,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     n, P = x.shape[0], torch.get_num_threads()
     out = weight.shape[0]
-    if n > SPLIT_MAX_ROWS or P < 2 or out % P or x.device.type != "cpu" or out < 64 * P:
+    if n > SPLIT_MAX_ROWS or P < 2 or out % P or not x.is_cpu or out < 64 * P:
         return x @ weight.T
     w = weight.unflatten(0, (P, out // P)).transpose(1, 2)                       # [P, in, out/P]
     y = torch.bmm(x.expand(P, n, x.shape[1]), w)                                 # [P, n, out/P]
@@ -193,15 +193,17 @@ class ExpertGLU(nn.Module):
         h = F.silu(linear(x, self.w1[rows]), inplace=True).mul_(linear(x, self.v1[rows]))   # [n, F]
         return linear(h, self.w2[rows].T), h
 
-    def expert_pair(self, x: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """One token x [1, d] through experts a < b at once -> (outputs [2, d], GLU hiddens [2, F]).
+    def pairs_possible(self) -> bool:
+        """Whether `expert_pair` applies: w1, v1, w2 contiguous (strided views of two experts' rows)."""
+        return self.w1.is_contiguous() and self.v1.is_contiguous() and self.w2.is_contiguous()
 
-        Expert b's rows lie a fixed stride after expert a's, so each weight gives a [2, F, d] view and each
-        product is one bmm that runs on two threads (decoding). None when the weights are not contiguous.
+    def expert_pair(self, x: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token x [1, d] through experts a <= b at once -> (outputs [2, 1, d], GLU hiddens [2, 1, F]).
+
+        Expert b's rows lie a fixed stride after expert a's, so each (contiguous) weight gives a [2, F, d]
+        view and each product is one bmm that runs on two threads (decoding).
         """
         Fh, d = self.ffn, x.shape[1]
-        if not (self.w1.is_contiguous() and self.v1.is_contiguous() and self.w2.is_contiguous()):
-            return None
 
         def pair(w: torch.Tensor) -> torch.Tensor:                                # [2, F, d]
             return w.as_strided((2, Fh, d), ((b - a) * Fh * d, d, 1), w.storage_offset() + a * Fh * d)
@@ -209,7 +211,7 @@ class ExpertGLU(nn.Module):
         x2 = x.expand(2, 1, d)
         h = F.silu(torch.bmm(x2, pair(self.w1).transpose(1, 2)), inplace=True)   # [2, 1, F]
         h = h.mul_(torch.bmm(x2, pair(self.v1).transpose(1, 2)))
-        return torch.bmm(h, pair(self.w2)).squeeze(1), h.squeeze(1)
+        return torch.bmm(h, pair(self.w2)), h
 
 
 class Experts(nn.Module):
@@ -228,10 +230,9 @@ class Experts(nn.Module):
         buffers stay small, which keeps prefill free of large temporary allocations).
         """
         N, k = experts.shape
-        if N == 1 and k > 1 and torch.get_num_threads() > 1 and x.device.type == "cpu" and not x.requires_grad:
-            fast = self._one_token(x, experts[0].tolist(), weights, want_hidden_norm)
-            if fast is not None:
-                return fast
+        if (N == 1 and k > 1 and x.is_cpu and torch.get_num_threads() > 1 and not x.requires_grad
+                and self.mlp.pairs_possible()):
+            return self._one_token(x, experts[0].tolist(), weights, want_hidden_norm)
         flat = experts.reshape(-1)                                                 # [N*k] pair = (token, rank)
         order = flat.argsort(stable=True)                                          # pairs sorted by expert
         counts = torch.bincount(flat, minlength=self.mlp.n_experts).tolist()
@@ -255,29 +256,19 @@ class Experts(nn.Module):
         return (out.view(N, k, -1) if weights is None else out), hidden_norm
 
     def _one_token(self, x: torch.Tensor, chosen: list[int], weights: torch.Tensor | None, want_hidden_norm: bool):
-        """Decoding one token: the chosen experts two at a time (`ExpertGLU.expert_pair`); the grouped path's
-        function (up to float rounding), outputs added in ascending expert order. None when pairs do not apply."""
+        """Decoding one token x [1, d]: the chosen experts in ascending id order, two at a time
+        (`ExpertGLU.expert_pair`; an odd last one paired with itself) -> what `forward` returns, up to float
+        rounding."""
         k = len(chosen)
-        ranks = sorted(range(k), key=chosen.__getitem__)                          # ranks by expert id
-        outs: list = [None] * k
-        hidden: list = [None] * k
-        for i in range(0, k - 1, 2):
-            r, s = ranks[i], ranks[i + 1]
-            got = self.mlp.expert_pair(x, chosen[r], chosen[s])
-            if got is None:
-                return None
-            (outs[r], outs[s]), (hidden[r], hidden[s]) = got[0].unbind(), got[1].unbind()
-        if k % 2:
-            y, h = self.mlp.expert(x, chosen[ranks[-1]])
-            outs[ranks[-1]], hidden[ranks[-1]] = y[0], h[0]
-        hidden_norm = torch.stack([h.float().norm() for h in hidden])[None] if want_hidden_norm else None
+        ranks = sorted(range(k), key=chosen.__getitem__)                          # slots by expert id
+        ids = [chosen[r] for r in ranks] + [chosen[ranks[-1]]] * (k % 2)          # odd k: last one twice
+        ys, hs = zip(*(self.mlp.expert_pair(x, ids[i], ids[i + 1]) for i in range(0, k, 2)))
+        y, h = torch.cat(ys)[:k, 0], torch.cat(hs)[:k, 0]                         # [k, d], [k, F] by id
+        inverse = sorted(range(k), key=ranks.__getitem__)                         # id order -> slot order
+        hidden_norm = h.float().norm(dim=-1)[inverse][None] if want_hidden_norm else None
         if weights is None:
-            return torch.stack(outs)[None], hidden_norm                            # [1, k, d]
-        w = weights[0].tolist()
-        out = outs[ranks[0]] * w[ranks[0]]
-        for r in ranks[1:]:
-            out = out.add_(outs[r], alpha=w[r])
-        return out[None], hidden_norm                                              # [1, d]
+            return y[inverse][None], hidden_norm                                   # [1, k, d]
+        return (weights[0, ranks, None] * y).sum(0, keepdim=True), hidden_norm     # [1, d]
 
 
 class MoE(nn.Module):
