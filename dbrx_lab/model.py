@@ -38,15 +38,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Decoding multiplies a few rows by large matrices, and torch runs such a matrix-vector product on one
     core at a fraction of the memory bandwidth. With P > 1 CPU threads and n <= SPLIT_MAX_ROWS, `out` is
     cut into P slices that run as one bmm (torch parallelises a bmm over its batch): each output element is
-    still one dot product over `in`, so results match the plain product.
+    still one dot product over `in`. A weight with contiguous rows is multiplied as weight @ x.T, which
+    streams it faster than x @ weight.T (measured: ~15% more bandwidth).
     """
     n, P = x.shape[0], torch.get_num_threads()
     out = weight.shape[0]
     if n > SPLIT_MAX_ROWS or P < 2 or out % P or not x.is_cpu or out < 64 * P:
         return x @ weight.T
-    w = weight.unflatten(0, (P, out // P)).transpose(1, 2)                       # [P, in, out/P]
-    y = torch.bmm(x.expand(P, n, x.shape[1]), w)                                 # [P, n, out/P]
+    w = weight.unflatten(0, (P, out // P))                                        # [P, out/P, in]
+    if weight.stride(-1) == 1:
+        y = torch.bmm(w, x.T.expand(P, x.shape[1], n))                              # [P, out/P, n]
+        return y.permute(2, 0, 1).reshape(n, out)
+    y = torch.bmm(x.expand(P, n, x.shape[1]), w.transpose(1, 2))                    # [P, n, out/P]
     return y.transpose(0, 1).reshape(n, out)
+
+
+def padded_rows_ok(padded: int, routed: int, m: int) -> bool:
+    """Whether running every expert on m rows (`padded` = E*m rows in all, zero rows filling the gaps) is worth
+    it for `routed` (token, expert) pairs. Measured on CPU (benchmarks/README.md): with m <= 32 the products
+    are bound by reading the weights, so up to 2.5x padding pays; beyond, up to 1.5x."""
+    return routed >= 2 * (padded // m) and padded <= (2.5 if m <= 32 else 1.5) * routed
 
 
 class Linear(nn.Linear):
@@ -194,8 +205,16 @@ class ExpertGLU(nn.Module):
         return linear(h, self.w2[rows].T), h
 
     def pairs_possible(self) -> bool:
-        """Whether `expert_pair` applies: w1, v1, w2 contiguous (strided views of two experts' rows)."""
+        """Whether `expert_pair` and `all_experts` apply: w1, v1, w2 contiguous (views of experts' rows)."""
         return self.w1.is_contiguous() and self.v1.is_contiguous() and self.w2.is_contiguous()
+
+    def all_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [E, m, d] (row block e for expert e) -> (outputs [E, m, d], GLU hiddens [E, m, F]); one bmm per
+        weight over [E, F, d] views of the stacked weights."""
+        E, Fh, d = self.n_experts, self.ffn, x.shape[2]
+        w1, v1, w2 = (w.view(E, Fh, d) for w in (self.w1, self.v1, self.w2))
+        h = F.silu(torch.bmm(x, w1.transpose(1, 2)), inplace=True).mul_(torch.bmm(x, v1.transpose(1, 2)))
+        return torch.bmm(h, w2), h
 
     def expert_pair(self, x: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One token x [1, d] through experts a <= b at once -> (outputs [2, 1, d], GLU hiddens [2, 1, F]).
@@ -208,9 +227,9 @@ class ExpertGLU(nn.Module):
         def pair(w: torch.Tensor) -> torch.Tensor:                                # [2, F, d]
             return w.as_strided((2, Fh, d), ((b - a) * Fh * d, d, 1), w.storage_offset() + a * Fh * d)
 
-        x2 = x.expand(2, 1, d)
-        h = F.silu(torch.bmm(x2, pair(self.w1).transpose(1, 2)), inplace=True)   # [2, 1, F]
-        h = h.mul_(torch.bmm(x2, pair(self.v1).transpose(1, 2)))
+        xT = x.T.expand(2, d, 1)
+        h = F.silu(torch.bmm(pair(self.w1), xT), inplace=True)                    # [2, F, 1]
+        h = h.mul_(torch.bmm(pair(self.v1), xT)).transpose(1, 2)                  # [2, 1, F]
         return torch.bmm(h, pair(self.w2)), h
 
 
@@ -225,25 +244,44 @@ class Experts(nn.Module):
 
         out: each chosen expert's unweighted output [N, k, d]; or, given `weights` [N, k], the weighted
         sum over the k experts [N, d], accumulated per token without materialising [N, k, d].
-        Only routed (token, expert) pairs are computed: pairs are sorted by expert and each expert that
-        got tokens runs one batched GLU over its tokens and adds the result into `out` (per-expert
-        buffers stay small, which keeps prefill free of large temporary allocations).
+        Only routed (token, expert) pairs are computed, sorted by expert. When every expert's tokens fit
+        in a batch of m rows with little padding (`padded_rows_ok`), all experts run as one bmm over
+        [E, m, d] (each thread takes whole experts); otherwise each expert that got tokens runs one GLU
+        over its rows and adds the result into `out` (per-expert buffers stay small).
         """
         N, k = experts.shape
         if (N == 1 and k > 1 and x.is_cpu and torch.get_num_threads() > 1 and not x.requires_grad
                 and self.mlp.pairs_possible()):
             return self._one_token(x, experts[0].tolist(), weights, want_hidden_norm)
+        E = self.mlp.n_experts
         flat = experts.reshape(-1)                                                 # [N*k] pair = (token, rank)
         order = flat.argsort(stable=True)                                          # pairs sorted by expert
-        counts = torch.bincount(flat, minlength=self.mlp.n_experts).tolist()
+        counts = torch.bincount(flat, minlength=E)                                 # [E]
         token_of = order // k                                                      # [N*k]
+        m = int(counts.max())
+        if padded_rows_ok(E * m, N * k, m) and self.mlp.pairs_possible():
+            expert_of = flat[order]                                                # [N*k] sorted
+            slot = torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[expert_of]
+            xp = x.new_zeros(E, m, x.shape[1])
+            xp[expert_of, slot] = x[token_of]
+            y, h = self.mlp.all_experts(xp)                                        # [E, m, d], [E, m, F]
+            y = y[expert_of, slot]                                                 # [N*k, d]
+            hidden_norm = None
+            if want_hidden_norm:
+                hidden_norm = x.new_empty(N * k, dtype=torch.float32)
+                hidden_norm[order] = h[expert_of, slot].float().norm(dim=-1)
+                hidden_norm = hidden_norm.view(N, k)
+            if weights is None:
+                return y.new_empty(N * k, y.shape[1]).index_copy_(0, order, y).view(N, k, -1), hidden_norm
+            out = x.new_zeros(N, x.shape[1])
+            return out.index_add_(0, token_of, y.mul_(weights.reshape(-1)[order, None])), hidden_norm
         if weights is None:
             out, dest, scale = x.new_zeros(N * k, x.shape[1]), order, None         # row of each pair
         else:
             out, dest, scale = x.new_zeros(N, x.shape[1]), token_of, weights.reshape(-1)[order, None]
         hidden_norm = x.new_zeros(N * k, dtype=torch.float32) if want_hidden_norm else None
         start = 0
-        for e, n in enumerate(counts):
+        for e, n in enumerate(counts.tolist()):
             if n:
                 rows = slice(start, start + n)
                 y, h = self.mlp.expert(x[token_of[rows]], e)                      # [n, d], [n, F]

@@ -109,7 +109,8 @@ def test_moe_one_token_computes_only_its_top4_experts(tiny_model, expert_calls, 
         assert all(n == 1 for _, n in calls)
 
 
-def test_moe_groups_tokens_by_expert(tiny_model, expert_calls, make_ids):
+def test_moe_groups_tokens_by_expert(tiny_model, expert_calls, make_ids, monkeypatch):
+    monkeypatch.setattr("dbrx_lab.model.padded_rows_ok", lambda *a: False)     # the per-expert loop
     chosen = []
     with torch.no_grad(), tiny_model.hooks([("blocks.0.ffn.hook_topk_experts", lambda t, h: chosen.append(t))]):
         tiny_model(make_ids(2, 7))
@@ -117,18 +118,57 @@ def test_moe_groups_tokens_by_expert(tiny_model, expert_calls, make_ids):
     assert dict(layer0) == dict(Counter(chosen[0].flatten().tolist()))   # one call per used expert, n = its tokens
 
 
-def test_moe_matches_dense_reference(tiny_model, make_ids):
+@pytest.mark.parametrize("tokens", [5, 40])       # 5: one GLU per expert hit; 40: one bmm over all experts
+def test_moe_matches_dense_reference(tiny_model, make_ids, tokens):
     """Our grouped MoE equals a naive per-token loop over the chosen experts."""
     moe = tiny_model.blocks[0].ffn
-    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(1, tokens, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         out, logits = moe(x)
         probs = logits.softmax(-1)
         w, e = probs.topk(4, dim=-1)
         w = w / w.sum(-1, keepdim=True)
         ref = torch.stack([sum(w[n, j] * moe.experts.mlp.expert(x[0, n:n + 1], int(e[n, j]))[0][0]
-                               for j in range(4)) for n in range(5)])
+                               for j in range(4)) for n in range(tokens)])
     torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [12, 40, 300])
+def test_moe_padded_batch_matches_the_per_expert_loop(tiny_model, tokens, monkeypatch):
+    """The all-experts bmm over zero-padded [E, m, d] blocks gives what one GLU per expert gives: weighted
+    sums, unweighted outputs per slot, hidden norms; taken only when the padding is small."""
+    import dbrx_lab.model as model_module
+
+    experts = tiny_model.blocks[0].ffn.experts
+    E, k = tiny_model.config.moe_num_experts, 4
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, tiny_model.config.d_model, generator=g)
+    idx = torch.rand(tokens, E, generator=g).add_(torch.linspace(0, 0.5, E)).topk(k).indices   # skewed
+    w = torch.rand(tokens, k, generator=g)
+    m = int(torch.bincount(idx.flatten(), minlength=E).max())
+    padded = model_module.padded_rows_ok(E * m, tokens * k, m)
+    calls = []
+    batched = experts.mlp.all_experts
+    monkeypatch.setattr(experts.mlp, "all_experts", lambda xp: calls.append(tuple(xp.shape)) or batched(xp))
+    with torch.no_grad():
+        fast = experts(x, idx, w, want_hidden_norm=True), experts(x, idx, None, want_hidden_norm=True)
+        monkeypatch.setattr(model_module, "padded_rows_ok", lambda *a: False)
+        slow = experts(x, idx, w, want_hidden_norm=True), experts(x, idx, None, want_hidden_norm=True)
+    assert calls == ([(E, m, x.shape[1])] * 2 if padded else [])
+    assert padded == (tokens == 40), m          # skewed: m = 8 of 48 pairs, m = 152 of 1200 (too much padding)
+    for (out_f, norm_f), (out_s, norm_s) in zip(fast, slow):
+        assert out_f.shape == out_s.shape
+        torch.testing.assert_close(out_f, out_s, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(norm_f, norm_s, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_rows_rule():
+    from dbrx_lab.model import padded_rows_ok
+
+    assert padded_rows_ok(16 * 10, 32 * 4, 10)          # 32-token prompt: 1.25x padding, weight-bound
+    assert not padded_rows_ok(16 * 2, 4 * 4, 2)         # fewer than 2 pairs per expert: loop
+    assert padded_rows_ok(16 * 138, 512 * 4, 138)       # balanced prefill: 1.08x
+    assert not padded_rows_ok(16 * 261, 512 * 4, 261)   # skewed prefill: 2.04x
 
 
 def test_loss_matches_hf(hf_pair, make_ids):
