@@ -216,11 +216,13 @@ class ExpertGLU(nn.Module):
         h = F.silu(torch.bmm(x, w1.transpose(1, 2)), inplace=True).mul_(torch.bmm(x, v1.transpose(1, 2)))
         return torch.bmm(h, w2), h
 
-    def expert_pair(self, x: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def expert_pair(self, x: torch.Tensor, a: int, b: int, scale: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One token x [1, d] through experts a <= b at once -> (outputs [2, 1, d], GLU hiddens [2, 1, F]).
 
         Expert b's rows lie a fixed stride after expert a's, so each (contiguous) weight gives a [2, F, d]
-        view and each product is one bmm that runs on two threads (decoding).
+        view and each product is one bmm that runs on two threads (decoding). scale [2, 1, 1]: weights the
+        outputs (applied to the hiddens before w2; the returned hiddens are unscaled).
         """
         Fh, d = self.ffn, x.shape[1]
 
@@ -230,7 +232,7 @@ class ExpertGLU(nn.Module):
         xT = x.T.expand(2, d, 1)
         h = F.silu(torch.bmm(pair(self.w1), xT), inplace=True)                    # [2, F, 1]
         h = h.mul_(torch.bmm(pair(self.v1), xT)).transpose(1, 2)                  # [2, 1, F]
-        return torch.bmm(h, pair(self.w2)), h
+        return torch.bmm(h if scale is None else h * scale, pair(self.w2)), h
 
 
 class Experts(nn.Module):
@@ -294,19 +296,29 @@ class Experts(nn.Module):
         return (out.view(N, k, -1) if weights is None else out), hidden_norm
 
     def _one_token(self, x: torch.Tensor, chosen: list[int], weights: torch.Tensor | None, want_hidden_norm: bool):
-        """Decoding one token x [1, d]: the chosen experts in ascending id order, two at a time
-        (`ExpertGLU.expert_pair`; an odd last one paired with itself) -> what `forward` returns, up to float
-        rounding."""
+        """Decoding one token x [1, d]: its experts two at a time (slots 0-1, 2-3, ...; with an odd k the last
+        expert is paired with itself at weight 0) through `ExpertGLU.expert_pair` -> what `forward` returns,
+        up to float rounding. Given weights, each hidden is scaled before w2, so the pairs' outputs just add."""
         k = len(chosen)
-        ranks = sorted(range(k), key=chosen.__getitem__)                          # slots by expert id
-        ids = [chosen[r] for r in ranks] + [chosen[ranks[-1]]] * (k % 2)          # odd k: last one twice
-        ys, hs = zip(*(self.mlp.expert_pair(x, ids[i], ids[i + 1]) for i in range(0, k, 2)))
-        y, h = torch.cat(ys)[:k, 0], torch.cat(hs)[:k, 0]                         # [k, d], [k, F] by id
-        inverse = sorted(range(k), key=ranks.__getitem__)                         # id order -> slot order
-        hidden_norm = h.float().norm(dim=-1)[inverse][None] if want_hidden_norm else None
+        outs, hiddens = [], []
+        for i in range(0, k, 2):
+            j = min(i + 1, k - 1)
+            a, b = chosen[i], chosen[j]
+            swap = a > b                                                           # expert_pair wants a <= b
+            scale = None
+            if weights is not None:
+                scale = weights[0, i:i + 2] if j > i else F.pad(weights[0, i:], (0, 1))   # [2]
+                scale = (scale.flip(0) if swap else scale).view(2, 1, 1)
+            y, h = self.mlp.expert_pair(x, min(a, b), max(a, b), scale)           # [2, 1, d], [2, 1, F]
+            outs.append(y.flip(0) if swap and weights is None else y)
+            hiddens.append(h.flip(0) if swap and want_hidden_norm else h)
+        hidden_norm = torch.cat(hiddens)[:k, 0].float().norm(dim=-1)[None] if want_hidden_norm else None
         if weights is None:
-            return y[inverse][None], hidden_norm                                   # [1, k, d]
-        return (weights[0, ranks, None] * y).sum(0, keepdim=True), hidden_norm     # [1, d]
+            return torch.cat(outs)[:k, 0][None], hidden_norm                       # [1, k, d]
+        out = outs[0]
+        for y in outs[1:]:
+            out = out + y
+        return out.sum(0), hidden_norm                                             # [1, d]
 
 
 class MoE(nn.Module):
