@@ -9,6 +9,7 @@ Interventions (dbrx_lab.interventions) plug in through each module's `edits` lis
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -30,6 +31,7 @@ __all__ = ["DbrxLM", "DbrxOutput", "KVCache", "linear"]
 # ------------------------------------------------------------------------------------------------
 # Matrix products for decoding
 SPLIT_MAX_ROWS = 4      # inputs with at most this many rows take the split path on a multi-threaded CPU
+PAIR_MAX_ROWS = 128     # experts with at most this many rows may run two at a time (Experts._groups)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -218,20 +220,25 @@ class ExpertGLU(nn.Module):
 
     def expert_pair(self, x: torch.Tensor, a: int, b: int, scale: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token x [1, d] through experts a <= b at once -> (outputs [2, 1, d], GLU hiddens [2, 1, F]).
+        """x [2, m, d]: m rows for expert a and m for expert b (a <= b) -> (outputs [2, m, d], GLU hiddens
+        [2, m, F]).
 
         Expert b's rows lie a fixed stride after expert a's, so each (contiguous) weight gives a [2, F, d]
-        view and each product is one bmm that runs on two threads (decoding). scale [2, 1, 1]: weights the
-        outputs (applied to the hiddens before w2; the returned hiddens are unscaled).
+        view and each product is one bmm, which torch runs on two threads, one expert each. scale
+        [2, m, 1]: weights the outputs (applied to the hiddens before w2; the returned hiddens are unscaled).
         """
-        Fh, d = self.ffn, x.shape[1]
+        Fh, d = self.ffn, x.shape[2]
 
         def pair(w: torch.Tensor) -> torch.Tensor:                                # [2, F, d]
             return w.as_strided((2, Fh, d), ((b - a) * Fh * d, d, 1), w.storage_offset() + a * Fh * d)
 
-        xT = x.T.expand(2, d, 1)
-        h = F.silu(torch.bmm(pair(self.w1), xT), inplace=True)                    # [2, F, 1]
-        h = h.mul_(torch.bmm(pair(self.v1), xT)).transpose(1, 2)                  # [2, 1, F]
+        if x.shape[1] == 1:                        # matrix-vector: weight @ x streams the weights faster
+            xT = x.transpose(1, 2)                                                 # [2, d, 1]
+            h = F.silu(torch.bmm(pair(self.w1), xT), inplace=True).mul_(torch.bmm(pair(self.v1), xT))
+            h = h.transpose(1, 2)                                                  # [2, 1, F]
+        else:
+            h = F.silu(torch.bmm(x, pair(self.w1).transpose(1, 2)), inplace=True)
+            h = h.mul_(torch.bmm(x, pair(self.v1).transpose(1, 2)))                # [2, m, F]
         return torch.bmm(h if scale is None else h * scale, pair(self.w2)), h
 
 
@@ -282,18 +289,48 @@ class Experts(nn.Module):
         else:
             out, dest, scale = x.new_zeros(N, x.shape[1]), token_of, weights.reshape(-1)[order, None]
         hidden_norm = x.new_zeros(N * k, dtype=torch.float32) if want_hidden_norm else None
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                rows = slice(start, start + n)
-                y, h = self.mlp.expert(x[token_of[rows]], e)                      # [n, d], [n, F]
-                out.index_add_(0, dest[rows], y if scale is None else y.mul_(scale[rows]))
-                if want_hidden_norm:
-                    hidden_norm[order[rows]] = h.float().norm(dim=-1)
-                start += n
+
+        def add(rows: slice, y: torch.Tensor, h: torch.Tensor) -> None:          # y [n, d], h [n, F]
+            out.index_add_(0, dest[rows], y if scale is None else y.mul_(scale[rows]))
+            if want_hidden_norm:
+                hidden_norm[order[rows]] = h.float().norm(dim=-1)
+
+        n_of = counts.tolist()
+        rows_of = [slice(s - n, s) for s, n in zip(itertools.accumulate(n_of), n_of)]
+        for group in self._groups(n_of, x):
+            if len(group) == 1:
+                e = group[0]
+                add(rows_of[e], *self.mlp.expert(x[token_of[rows_of[e]]], e))
+                continue
+            a, b = group                                                           # a < b, padded to m rows
+            m = max(n_of[a], n_of[b])
+            xs = x.new_zeros(2, m, x.shape[1])
+            xs[0, :n_of[a]], xs[1, :n_of[b]] = x[token_of[rows_of[a]]], x[token_of[rows_of[b]]]
+            y, h = self.mlp.expert_pair(xs, a, b)                                  # [2, m, d], [2, m, F]
+            add(rows_of[a], y[0, :n_of[a]], h[0, :n_of[a]])
+            add(rows_of[b], y[1, :n_of[b]], h[1, :n_of[b]])
         if want_hidden_norm:
             hidden_norm = hidden_norm.view(N, k)
         return (out.view(N, k, -1) if weights is None else out), hidden_norm
+
+    def _groups(self, n_of: list[int], x: torch.Tensor) -> list[tuple[int, ...]]:
+        """The experts that got tokens, alone or in pairs (a, b), a < b. On a multi-threaded CPU, experts
+        sorted by token count are paired when both have at most PAIR_MAX_ROWS rows and the smaller has at
+        least half the rows of the larger (so at most a third of the pair's rows are padding): one bmm runs
+        both, one expert per thread, which beats two products each split over the threads (measured
+        1.3-1.6x at 16-128 rows; with hundreds of rows the split products are as fast or faster)."""
+        hit = sorted((e for e, n in enumerate(n_of) if n), key=lambda e: -n_of[e])
+        if not (x.is_cpu and torch.get_num_threads() > 1 and not x.requires_grad and self.mlp.pairs_possible()):
+            return [(e,) for e in sorted(hit)]
+        groups, i = [], 0
+        while i < len(hit):
+            if i + 1 < len(hit) and n_of[hit[i]] <= PAIR_MAX_ROWS and 2 * n_of[hit[i + 1]] >= n_of[hit[i]]:
+                groups.append(tuple(sorted(hit[i:i + 2])))
+                i += 2
+            else:
+                groups.append((hit[i],))
+                i += 1
+        return groups
 
     def _one_token(self, x: torch.Tensor, chosen: list[int], weights: torch.Tensor | None, want_hidden_norm: bool):
         """Decoding one token x [1, d]: its experts two at a time (slots 0-1, 2-3, ...; with an odd k the last
@@ -309,7 +346,7 @@ class Experts(nn.Module):
             if weights is not None:
                 scale = weights[0, i:i + 2] if j > i else F.pad(weights[0, i:], (0, 1))   # [2]
                 scale = (scale.flip(0) if swap else scale).view(2, 1, 1)
-            y, h = self.mlp.expert_pair(x, min(a, b), max(a, b), scale)           # [2, 1, d], [2, 1, F]
+            y, h = self.mlp.expert_pair(x.expand(2, 1, x.shape[1]), min(a, b), max(a, b), scale)
             outs.append(y.flip(0) if swap and weights is None else y)
             hiddens.append(h.flip(0) if swap and want_hidden_norm else h)
         hidden_norm = torch.cat(hiddens)[:k, 0].float().norm(dim=-1)[None] if want_hidden_norm else None

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dbrx_lab.generation import Step
+from dbrx_lab.generation import Step, greedy
 
 
 def new_tokens(out, prompt):
@@ -161,3 +161,14 @@ def test_right_padding_rejected(tiny_model, make_ids):
     mask = torch.tensor([[1, 1, 1, 0]])
     with pytest.raises(ValueError, match="left padding"):
         tiny_model.generate(make_ids(1, 4), attention_mask=mask, max_new_tokens=1)
+
+
+def test_greedy_equals_argmax_with_ties_and_nan():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 100352, generator=g)
+    logits[1, [5000, 70000]] = 50.0                        # tie across chunks: the first one wins
+    logits[2, [7, 8]] = 50.0                               # tie inside a chunk
+    logits[3, [300, 90000]] = float("nan")                 # NaN counts as the maximum, first NaN wins
+    assert greedy(logits).tolist() == logits.argmax(-1).tolist() == [int(logits[0].argmax()), 5000, 7, 300]
+    odd = torch.randn(2, 5000, generator=g)                # not a multiple of the chunk: plain argmax
+    assert torch.equal(greedy(odd), odd.argmax(-1))

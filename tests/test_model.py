@@ -268,3 +268,32 @@ def test_one_token_expert_pairs_match_the_grouped_path(tiny_model, chosen, two_t
         assert out_f.shape == out_s.shape
         torch.testing.assert_close(out_f, out_s, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(norm_f, norm_s, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_path_pairs_experts_of_similar_size(tiny_model, two_threads, monkeypatch):
+    """With two threads, experts with a similar number of rows (at most PAIR_MAX_ROWS) run two at a time in
+    one bmm over zero-padded rows; the result equals one GLU per expert (the one-thread path)."""
+    import dbrx_lab.model as model_module
+
+    monkeypatch.setattr(model_module, "padded_rows_ok", lambda *a: False)
+    experts = tiny_model.blocks[0].ffn.experts
+    E, k, tokens = tiny_model.config.moe_num_experts, 4, 60
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(tokens, tiny_model.config.d_model, generator=g)
+    idx = torch.rand(tokens, E, generator=g).add_(torch.linspace(0, 0.6, E)).topk(k).indices
+    w = torch.rand(tokens, k, generator=g)
+    n_of = torch.bincount(idx.flatten(), minlength=E).tolist()
+    calls = []
+    pair = experts.mlp.expert_pair
+    monkeypatch.setattr(experts.mlp, "expert_pair",
+                        lambda xs, a, b: calls.append((a, b, xs.shape[1])) or pair(xs, a, b))
+    with torch.no_grad():
+        fast = experts(x, idx, w, want_hidden_norm=True), experts(x, idx, None, want_hidden_norm=True)
+        torch.set_num_threads(1)
+        slow = experts(x, idx, w, want_hidden_norm=True), experts(x, idx, None, want_hidden_norm=True)
+    assert calls, n_of
+    for a, b, m in calls:
+        assert a < b and m == max(n_of[a], n_of[b]) <= 2 * min(n_of[a], n_of[b])
+    for (out_f, norm_f), (out_s, norm_s) in zip(fast, slow):
+        torch.testing.assert_close(out_f, out_s, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(norm_f, norm_s, atol=1e-5, rtol=1e-5)
