@@ -50,7 +50,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     w = weight.unflatten(0, (P, out // P))                                        # [P, out/P, in]
     if weight.stride(-1) == 1:
         y = torch.bmm(w, x.T.expand(P, x.shape[1], n))                              # [P, out/P, n]
-        return y.permute(2, 0, 1).reshape(n, out)
+        return y.view(1, out) if n == 1 else y.permute(2, 0, 1).reshape(n, out)
     y = torch.bmm(x.expand(P, n, x.shape[1]), w.transpose(1, 2))                    # [P, n, out/P]
     return y.transpose(0, 1).reshape(n, out)
 
@@ -75,19 +75,19 @@ class Linear(nn.Linear):
 # ------------------------------------------------------------------------------------------------
 # RoPE
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [B, T, D] for integer positions [B, T]; computed in float32, returned in `dtype`."""
+    """cos, sin [B, T, 1, D] (broadcast over heads) for integer positions [B, T]; computed in float32,
+    returned in `dtype`."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
                                 .float() / head_dim))                              # [D/2]
-    freqs = positions.float()[..., None] * inv_freq                                # [B, T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)                                        # [B, T, D]
+    freqs = positions.float()[..., None, None] * inv_freq                          # [B, T, 1, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)                                        # [B, T, 1, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, heads, D] rotated with the rotate-half convention; cos, sin [B, T, D]."""
+    """x [B, T, heads, D] rotated with the rotate-half convention; cos, sin [B, T, 1, D]."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    cos, sin = cos[:, :, None], sin[:, :, None]
     return (x * cos).add_(rotated.mul_(sin))                                       # x cos + rotated sin
 
 
@@ -379,7 +379,7 @@ class MoE(nn.Module):
         ctx, layer = self.hook_router_logits.ctx, self.hook_router_logits.layer
         for edit in self.edits:
             logits = edit.edit_logits(logits, layer, ctx)
-        probs = torch.softmax(logits.float(), dim=-1)                              # [N, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)                # [N, E]
         k = self.top_k
         for edit in self.edits:
             k = edit.edit_top_k(k, layer)
