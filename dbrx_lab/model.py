@@ -256,7 +256,8 @@ class Experts(nn.Module):
         Only routed (token, expert) pairs are computed, sorted by expert. When every expert's tokens fit
         in a batch of m rows with little padding (`padded_rows_ok`), all experts run as one bmm over
         [E, m, d] (each thread takes whole experts); otherwise each expert that got tokens runs one GLU
-        over its rows and adds the result into `out` (per-expert buffers stay small).
+        over its rows, or two experts of similar size share one bmm (`_groups`), and the results are added
+        into `out` (per-expert buffers stay small).
         """
         N, k = experts.shape
         if (N == 1 and k > 1 and x.is_cpu and torch.get_num_threads() > 1 and not x.requires_grad
@@ -302,9 +303,8 @@ class Experts(nn.Module):
                 e = group[0]
                 add(rows_of[e], *self.mlp.expert(x[token_of[rows_of[e]]], e))
                 continue
-            a, b = group                                                           # a < b, padded to m rows
-            m = max(n_of[a], n_of[b])
-            xs = x.new_zeros(2, m, x.shape[1])
+            a, b = group                                                           # a < b
+            xs = x.new_zeros(2, max(n_of[a], n_of[b]), x.shape[1])                 # zero-padded rows
             xs[0, :n_of[a]], xs[1, :n_of[b]] = x[token_of[rows_of[a]]], x[token_of[rows_of[b]]]
             y, h = self.mlp.expert_pair(xs, a, b)                                  # [2, m, d], [2, m, F]
             add(rows_of[a], y[0, :n_of[a]], h[0, :n_of[a]])
