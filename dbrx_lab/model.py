@@ -55,11 +55,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.transpose(0, 1).reshape(n, out)
 
 
-def padded_rows_ok(padded: int, routed: int, m: int) -> bool:
-    """Whether running every expert on m rows (`padded` = E*m rows in all, zero rows filling the gaps) is worth
-    it for `routed` (token, expert) pairs. Measured on CPU (benchmarks/README.md): with m <= 32 the products
-    are bound by reading the weights, so up to 2.5x padding pays; beyond, up to 1.5x."""
-    return routed >= 2 * (padded // m) and padded <= (2.5 if m <= 32 else 1.5) * routed
+def padded_rows_ok(experts: int, m: int, routed: int) -> bool:
+    """Whether running all `experts` on m rows each (zero rows filling the gaps) is worth it for `routed`
+    (token, expert) pairs. Measured on CPU (benchmarks/README.md): with m <= 32 the products are bound by
+    reading the weights, so up to 2.5x padding pays; beyond, up to 1.5x."""
+    return routed >= 2 * experts and experts * m <= (2.5 if m <= 32 else 1.5) * routed
 
 
 class Linear(nn.Linear):
@@ -260,8 +260,7 @@ class Experts(nn.Module):
         into `out` (per-expert buffers stay small).
         """
         N, k = experts.shape
-        if (N == 1 and k > 1 and x.is_cpu and torch.get_num_threads() > 1 and not x.requires_grad
-                and self.mlp.pairs_possible()):
+        if N == 1 and k > 1 and self._pairs_pay(x):
             return self._one_token(x, experts[0].tolist(), weights, want_hidden_norm)
         E = self.mlp.n_experts
         flat = experts.reshape(-1)                                                 # [N*k] pair = (token, rank)
@@ -269,7 +268,7 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=E)                                 # [E]
         token_of = order // k                                                      # [N*k]
         m = int(counts.max())
-        if padded_rows_ok(E * m, N * k, m) and self.mlp.pairs_possible():
+        if padded_rows_ok(E, m, N * k) and self.mlp.pairs_possible():
             expert_of = flat[order]                                                # [N*k] sorted
             slot = torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[expert_of]
             xp = x.new_zeros(E, m, x.shape[1])
@@ -313,6 +312,11 @@ class Experts(nn.Module):
             hidden_norm = hidden_norm.view(N, k)
         return (out.view(N, k, -1) if weights is None else out), hidden_norm
 
+    def _pairs_pay(self, x: torch.Tensor) -> bool:
+        """Whether to run experts two at a time (`ExpertGLU.expert_pair`): a multi-threaded CPU, no autograd,
+        contiguous stacked weights."""
+        return x.is_cpu and torch.get_num_threads() > 1 and not x.requires_grad and self.mlp.pairs_possible()
+
     def _groups(self, n_of: list[int], x: torch.Tensor) -> list[tuple[int, ...]]:
         """The experts that got tokens, alone or in pairs (a, b), a < b. On a multi-threaded CPU, experts
         sorted by token count are paired when both have at most PAIR_MAX_ROWS rows and the smaller has at
@@ -320,7 +324,7 @@ class Experts(nn.Module):
         both, one expert per thread, which beats two products each split over the threads (measured
         1.3-1.6x at 16-128 rows; with hundreds of rows the split products are as fast or faster)."""
         hit = sorted((e for e, n in enumerate(n_of) if n), key=lambda e: -n_of[e])
-        if not (x.is_cpu and torch.get_num_threads() > 1 and not x.requires_grad and self.mlp.pairs_possible()):
+        if not self._pairs_pay(x):
             return [(e,) for e in sorted(hit)]
         groups, i = [], 0
         while i < len(hit):

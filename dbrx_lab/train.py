@@ -633,7 +633,7 @@ def _bare_line_png(path: Path, series: list[tuple[np.ndarray, np.ndarray]], w: i
 
 
 def _threads_and_load(log: list[dict]) -> str:
-    """'2 torch threads; mean 1-minute load average 2.1' from the eval records of a training log."""
+    """'2 torch thread(s); mean 1-minute load average 2.1 while training, ...' from a training log's eval records."""
     evals = [r for r in log if "load_avg_1m" in r]
     if not evals:
         return "torch threads not recorded"

@@ -146,7 +146,7 @@ def test_moe_padded_batch_matches_the_per_expert_loop(tiny_model, tokens, monkey
     idx = torch.rand(tokens, E, generator=g).add_(torch.linspace(0, 0.5, E)).topk(k).indices   # skewed
     w = torch.rand(tokens, k, generator=g)
     m = int(torch.bincount(idx.flatten(), minlength=E).max())
-    padded = model_module.padded_rows_ok(E * m, tokens * k, m)
+    padded = model_module.padded_rows_ok(E, m, tokens * k)
     calls = []
     batched = experts.mlp.all_experts
     monkeypatch.setattr(experts.mlp, "all_experts", lambda xp: calls.append(tuple(xp.shape)) or batched(xp))
@@ -165,10 +165,10 @@ def test_moe_padded_batch_matches_the_per_expert_loop(tiny_model, tokens, monkey
 def test_padded_rows_rule():
     from dbrx_lab.model import padded_rows_ok
 
-    assert padded_rows_ok(16 * 10, 32 * 4, 10)          # 32-token prompt: 1.25x padding, weight-bound
-    assert not padded_rows_ok(16 * 2, 4 * 4, 2)         # fewer than 2 pairs per expert: loop
-    assert padded_rows_ok(16 * 138, 512 * 4, 138)       # balanced prefill: 1.08x
-    assert not padded_rows_ok(16 * 261, 512 * 4, 261)   # skewed prefill: 2.04x
+    assert padded_rows_ok(16, 10, 32 * 4)              # 32-token prompt: 1.25x padding, weight-bound
+    assert not padded_rows_ok(16, 2, 4 * 4)            # fewer than 2 pairs per expert: loop
+    assert padded_rows_ok(16, 138, 512 * 4)            # balanced prefill: 1.08x
+    assert not padded_rows_ok(16, 261, 512 * 4)        # skewed prefill: 2.04x
 
 
 def test_loss_matches_hf(hf_pair, make_ids):

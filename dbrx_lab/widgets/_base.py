@@ -23,8 +23,8 @@ import plotly.io as pio
 from ..figures import MONO, expert_color, readable_token, text_color
 from ..trace import run_with_trace
 
-__all__ = ["LabWidget", "PromptTraceWidget", "FigurePane", "ClickableFigure", "model_lock", "prompt_input", "figure_bundle", "fit_width",
-           "token_html", "expert_chip"]
+__all__ = ["LabWidget", "PromptTraceWidget", "FigurePane", "ClickableFigure", "model_lock", "prompt_input",
+           "figure_bundle", "fit_width", "token_html", "expert_chip"]
 
 ACCENT = "#2F3E55"
 SELECTED = "#CA0020"          # outline of the selected cell / row in clickable figures
@@ -303,7 +303,6 @@ class LabWidget:
         if self._thread is not None:
             self._thread.join(timeout)
         return self
-
 
 
 class PromptTraceWidget(LabWidget):
