@@ -128,7 +128,9 @@ class Attention(nn.Module):
         return bool(self.hook_scores.fns or self.hook_pattern.fns)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, start: int) -> torch.Tensor:
+                cache: KVCache | None, start: int, last_only: bool = False) -> torch.Tensor:
+        """x [B, T, d] -> [B, T, d]; with last_only, keys and values of all T tokens (cached) but only the
+        last token's query -> [B, 1, d]. mask [B, 1, T, S] bool or None (causal)."""
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.kv_heads, self.head_dim
         qkv = self.Wqkv(x)                                                         # [B, T, (H+2K)D]
@@ -140,16 +142,18 @@ class Attention(nn.Module):
         v = self.hook_v(qkv[..., (H + K) * D:].view(B, T, K, D).transpose(1, 2))  # [B, K, T, D]
         if cache is not None:
             k, v = cache.update(start, k, v)                                       # [B, K, S, D]
+        if last_only:
+            q, mask = q[:, :, -1:], None if mask is None else mask[:, :, -1:]     # the last row sees all keys
         if self.wants_pattern():
             z = self._explicit(q, k, v, mask)
-        elif mask is None and T == k.shape[2]:
+        elif mask is None and q.shape[2] == k.shape[2]:
             z = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=H != K)
         else:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K)
         z = self.hook_z(z.transpose(1, 2))                                         # [B, T, H, D]
         for edit in self.edits:
             z = edit.edit_z(z, self.hook_z.layer, self.hook_z.ctx)
-        return self.out_proj(z.reshape(B, T, H * D))
+        return self.out_proj(z.reshape(B, -1, H * D))
 
     def _explicit(self, q, k, v, mask):
         """Attention that materialises the pattern [B, H, T, S]; GQA by grouping, without copying K/V."""
@@ -432,10 +436,14 @@ class Block(nn.Module):
         self.hook_ffn_out = HookPoint()     # [B, T, d] weighted sum of the chosen experts' outputs
         self.hook_resid_post = HookPoint()  # [B, T, d]
 
-    def forward(self, x, cos, sin, mask, cache, start):
+    def forward(self, x, cos, sin, mask, cache, start, last_only: bool = False):
+        """x [B, T, d] -> (x [B, T, d], router logits [N, E]). last_only: fill the cache with all T tokens
+        but compute the rest of the block for the last one only -> x [B, 1, d] (a prefill's last block)."""
         x = self.hook_resid_pre(x)
         nan = self.norm_attn_norm
-        attn_out = self.hook_attn_out(nan.attn(nan.norm_1(x), cos, sin, mask, cache, start))
+        attn_out = self.hook_attn_out(nan.attn(nan.norm_1(x), cos, sin, mask, cache, start, last_only))
+        if last_only:
+            x = x[:, -1:]
         x = self.hook_resid_mid(x + attn_out)
         ffn_out, router_logits = self.ffn(nan.norm_2(x))
         x = self.hook_resid_post(x + self.hook_ffn_out(ffn_out))
@@ -498,6 +506,8 @@ class DbrxLM(HookedMixin, nn.Module):
             add(f"blocks.{i}.hook_ffn_out", block.hook_ffn_out, i)
             add(f"blocks.{i}.hook_resid_post", block.hook_resid_post, i)
         add("hook_final", self.hook_final, None)
+        self._points_of_layer = [[p for p in points.values() if p.layer == i]
+                                 for i in range(len(self.transformer.blocks))]
         return points
 
     @torch.no_grad()
@@ -568,6 +578,8 @@ class DbrxLM(HookedMixin, nn.Module):
                 attention_mask = None
         if attention_mask is None:
             positions, mask = columns, None
+            if start > 0 and T > 1:                     # new tokens after cached ones: causal among themselves
+                mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(start)[None, None]   # [1, 1, T, S]
         else:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]       # [B, T]
             causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(start)           # [T, S]
@@ -580,8 +592,11 @@ class DbrxLM(HookedMixin, nn.Module):
 
         x = self.hook_embed(self.transformer.wte(input_ids))                        # [B, T, d]
         all_router_logits = []
-        for i, block in enumerate(self.transformer.blocks):
-            x, router_logits = block(x, cos, sin, mask, None if cache is None else cache[i], start)
+        blocks = self.transformer.blocks
+        prune = last_only and T > 1 and not output_router_logits and self._plain(len(blocks) - 1)
+        for i, block in enumerate(blocks):
+            x, router_logits = block(x, cos, sin, mask, None if cache is None else cache[i], start,
+                                     prune and i == len(blocks) - 1)
             if output_router_logits:
                 all_router_logits.append(router_logits)
         if last_only:
@@ -594,6 +609,12 @@ class DbrxLM(HookedMixin, nn.Module):
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
         return DbrxOutput(logits, loss, tuple(all_router_logits) if output_router_logits else None)
+
+    def _plain(self, layer: int) -> bool:
+        """Whether block `layer` runs with no hook and no intervention (so nothing observes its other tokens)."""
+        block = self.transformer.blocks[layer]
+        return not (block.ffn.edits or block.norm_attn_norm.attn.edits
+                    or any(p.fns for p in self._points_of_layer[layer]))
 
     def new_cache(self, batch: int, max_len: int) -> list[KVCache]:
         """One KVCache per block, on the device the block runs on (accelerate's execution device if dispatched)."""

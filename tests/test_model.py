@@ -206,6 +206,49 @@ def test_last_only_and_router_logits(tiny_model, make_ids):
     assert len(full.router_logits) == 2 and full.router_logits[0].shape == (12, 16)
 
 
+def test_prompt_continued_in_chunks_is_causal(tiny_model, make_ids):
+    """A cached forward of several new tokens (start > 0, no attention_mask) masks them causally."""
+    ids = make_ids(2, 10)
+    with torch.no_grad():
+        full = tiny_model(ids).logits
+        cache = tiny_model.new_cache(2, 10)
+        first = tiny_model(ids[:, :4], cache=cache).logits
+        rest = tiny_model(ids[:, 4:], cache=cache, start=4).logits
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_computes_the_last_block_for_the_last_token_only(tiny_model, make_ids, padded):
+    """With last_only and no hook on the last block, its attention output and experts run on one token per
+    row; the logits, the filled cache and the next step equal those of a full prefill."""
+    ids = make_ids(2, 9)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    if padded:
+        mask[1, :3] = 0
+    last = tiny_model.blocks[-1].ffn.experts
+    rows = []
+    original = last.forward
+    last.forward = lambda x, *a, **k: (rows.append(x.shape[0]), original(x, *a, **k))[1]
+    try:
+        with torch.no_grad():
+            full_cache, pruned_cache = tiny_model.new_cache(2, 10), tiny_model.new_cache(2, 10)
+            full = tiny_model(ids, mask, cache=full_cache).logits[:, -1:]
+            pruned = tiny_model(ids, mask, cache=pruned_cache, last_only=True).logits
+            assert rows == [18, 2]
+            with tiny_model.hooks([("blocks.1.hook_resid_post", lambda x, hook: None)]):
+                hooked = tiny_model(ids, mask, cache=tiny_model.new_cache(2, 10), last_only=True).logits
+            assert rows[-1] == 18                          # a hook on the last block sees every token
+            step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            nxt = [tiny_model(ids[:, -1:], step_mask, cache=c, start=9).logits for c in (full_cache, pruned_cache)]
+    finally:
+        del last.forward
+    torch.testing.assert_close(pruned, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hooked, full, atol=1e-5, rtol=1e-5)
+    for a, b in zip(full_cache, pruned_cache):
+        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+    torch.testing.assert_close(nxt[1], nxt[0], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("ids, message", [
     (torch.tensor([[1, 512]]), r"token id 512 outside the vocabulary \[0, 511\]"),
     (torch.tensor([[-1, 3]]), r"token id -1 outside the vocabulary \[0, 511\]"),
