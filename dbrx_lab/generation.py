@@ -146,6 +146,7 @@ def stream(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, attention_mask=
     mask = None if attention_mask is None else attention_mask.to(device).long()
     cache = model.new_cache(B, T + max_new_tokens)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    dispatched = any(hasattr(m, "_hf_hook") for m in model.modules())
     logits = model(ids, mask, cache=cache, start=0, last_only=True).logits[:, -1].float()   # [B, V]
     pos = T
     for i in range(max_new_tokens):
@@ -158,7 +159,10 @@ def stream(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, attention_mask=
             return
         if mask is not None:
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
-        logits = model(tokens[:, None], mask, cache=cache, start=pos, last_only=True).logits[:, -1].float()
+        if model.runs_plain(dispatched):
+            logits = model.decode_step(tokens, cache, pos, mask).float()
+        else:
+            logits = model(tokens[:, None], mask, cache=cache, start=pos, last_only=True).logits[:, -1].float()
         if done:
             return
         pos += 1

@@ -1,6 +1,9 @@
+import dataclasses
+
 import pytest
 import torch
 
+from dbrx_lab import DbrxLM
 from dbrx_lab.generation import Step, greedy
 
 
@@ -13,6 +16,46 @@ def test_greedy_equals_hf(hf_pair, make_ids):
     ids = make_ids(2, 5, seed=11)
     ref = hf.generate(ids, max_new_tokens=15, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours.generate(ids, max_new_tokens=15, eos_token_id=[]), ref)
+
+
+@pytest.mark.parametrize("variant", [{}, {"clip_qkv": None, "kv_n_heads": 4, "moe_top_k": 3}])
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_step_equals_a_cached_forward(tiny_cfg, widen, make_ids, variant, padded, two_threads):
+    """decode_step (generation's inner loop) computes what forward(last_only) computes, cache included."""
+    model = widen(DbrxLM(dataclasses.replace(tiny_cfg, **variant))).eval()
+    ids = make_ids(2, 6)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    if padded:
+        mask[0, :2] = 0
+    caches = [model.new_cache(2, 9), model.new_cache(2, 9)]
+    with torch.no_grad():
+        for c in caches:
+            model(ids, mask[:, :6], cache=c, last_only=True)
+        for pos, tok in zip(range(6, 9), make_ids(3, 2, seed=5)):
+            ref = model(tok[:, None], mask[:, :pos + 1], cache=caches[0], start=pos, last_only=True).logits[:, -1]
+            out = model.decode_step(tok, caches[1], pos, mask[:, :pos + 1])
+            torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    for a, b in zip(*caches):
+        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+
+
+def test_generation_uses_decode_step_only_when_nothing_observes(tiny_model, make_ids):
+    calls = []
+    step = tiny_model.decode_step
+    tiny_model.decode_step = lambda *a: calls.append(a[2]) or step(*a)
+    ids = make_ids(1, 4)
+    try:
+        plain = tiny_model.generate(ids, max_new_tokens=5)
+        assert calls == [4, 5, 6, 7]                                   # every step after the prefill
+        seen = []
+        with tiny_model.hooks([("blocks.1.ffn.hook_topk_experts", lambda t, h: seen.append(t))]):
+            hooked = tiny_model.generate(ids, max_new_tokens=5)
+        assert len(calls) == 4 and len(seen) == 5                      # the prefill and 4 steps, through the modules
+        tiny_model.train()
+        assert not tiny_model.runs_plain()
+    finally:
+        del tiny_model.decode_step
+    assert torch.equal(plain, hooked)
 
 
 def test_greedy_is_argmax_of_full_forward(tiny_model, make_ids):
