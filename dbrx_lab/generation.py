@@ -159,7 +159,7 @@ def stream(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, attention_mask=
             return
         if mask is not None:
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
-        if model.runs_plain(dispatched):
+        if model.decode_step_applies(dispatched):
             logits = model.decode_step(tokens, cache, pos, mask).float()
         else:
             logits = model(tokens[:, None], mask, cache=cache, start=pos, last_only=True).logits[:, -1].float()

@@ -620,53 +620,69 @@ class DbrxLM(HookedMixin, nn.Module):
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B] (one new token per row, at column `start`) -> next-token logits [B, V].
 
-        The computation of `forward(tokens[:, None], attention_mask, cache=cache, start=start, last_only=True)`
-        written out as one function (gpt-fast's decode step): no hook points, interventions, input checks or
-        module calls, which cost ~8% of a CPU decode step. Generation uses it when `runs_plain()`.
-        attention_mask [B, start + 1] as in forward.
+        The computation of `forward(tokens[:, None], attention_mask, cache=cache, start=start, last_only=True)`,
+        hook points included, written out as one function (gpt-fast's decode step): without nn.Module calls
+        and input checks, which cost ~5-8% of a CPU decode step. Generation uses it while
+        `decode_step_applies()`; interventions take forward. attention_mask [B, start + 1] as in forward.
         """
         cfg = self.config
         B, H, K, D = tokens.shape[0], cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
         d, eps, clip = cfg.d_model, cfg.layer_norm_eps, cfg.clip_qkv
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None
-        if attention_mask is None:
-            positions, mask = torch.full((B, 1), start, device=tokens.device), None
-        else:
-            mask = attention_mask.to(torch.bool)
-            positions = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)                        # [B, 1]
-            mask = mask.clone()
+        columns = torch.full((B, 1), start, device=tokens.device)                          # [B, 1]
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(torch.bool)
+            if bool(attention_mask.all()):
+                attention_mask = None
+        positions, mask = columns, None
+        if attention_mask is not None:
+            positions = (attention_mask.sum(-1, keepdim=True) - 1).clamp(min=0)            # [B, 1]
+            mask = attention_mask.clone()
             mask[:, start] = True                                                           # a pad sees itself
             mask = mask[:, None, None, :]                                                   # [B, 1, 1, S]
+        ctx = self.ctx
+        ctx.positions, ctx.attention_mask, ctx.is_prefill = columns, attention_mask, start == 0
         cos, sin = rope_cos_sin(positions, D, cfg.rope_theta, self.dtype)                   # [B, 1, 1, D]
-        x = F.embedding(tokens.view(B, 1), self.transformer.wte.weight)                     # [B, 1, d]
+        x = self.hook_embed(F.embedding(tokens.view(B, 1), self.transformer.wte.weight))   # [B, 1, d]
         for block, layer_cache in zip(self.transformer.blocks, cache):
             nan, ffn = block.norm_attn_norm, block.ffn
             attn = nan.attn
+            x = block.hook_resid_pre(x)
             qkv = linear(F.layer_norm(x, (d,), nan.norm_1.weight, None, eps).view(B, d), attn.Wqkv.weight)
             if clip is not None:
                 qkv = qkv.clamp(min=-clip, max=clip)                                        # [B, (H+2K)D]
             qk = apply_rope(qkv[:, :(H + K) * D].view(B, 1, H + K, D), cos, sin)
-            k, v = layer_cache.update(start, qk[:, :, H:].transpose(1, 2),
-                                      qkv[:, (H + K) * D:].view(B, 1, K, D).transpose(1, 2))  # [B, K, S, D]
-            z = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), k, v, attn_mask=mask,
-                                               enable_gqa=H != K)                          # [B, H, 1, D]
-            x = x + linear(z.transpose(1, 2).reshape(B, H * D), attn.out_proj.weight).view(B, 1, d)
-            h = F.layer_norm(x, (d,), nan.norm_2.weight, None, eps).view(B, d)
-            experts, weights, _ = ffn.route(F.linear(h, ffn.router.layer.weight))
-            out, _ = ffn.experts(h, experts, weights.to(x.dtype))
-            x = x + out.view(B, 1, d)
-        x = F.layer_norm(x, (d,), self.transformer.norm_f.weight, None, eps)
+            q = attn.hook_q(qk[:, :, :H].transpose(1, 2))                                   # [B, H, 1, D]
+            k = attn.hook_k(qk[:, :, H:].transpose(1, 2))                                   # [B, K, 1, D]
+            v = attn.hook_v(qkv[:, (H + K) * D:].view(B, 1, K, D).transpose(1, 2))
+            k, v = layer_cache.update(start, k, v)                                          # [B, K, S, D]
+            if attn.wants_pattern():
+                z = attn._explicit(q, k, v, mask)
+            else:
+                z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K)
+            z = attn.hook_z(z.transpose(1, 2))                                              # [B, 1, H, D]
+            attn_out = block.hook_attn_out(linear(z.reshape(B, H * D), attn.out_proj.weight).view(B, 1, d))
+            x = block.hook_resid_mid(x + attn_out)
+            h = F.layer_norm(x, (d,), nan.norm_2.weight, None, eps)                        # [B, 1, d]
+            if ffn.hook_expert_out.fns or ffn.hook_expert_hidden_norm.fns:
+                out = ffn(h)[0]
+            else:
+                h = h.view(B, d)
+                experts, weights, _ = ffn.route(ffn.hook_router_logits(F.linear(h, ffn.router.layer.weight)))
+                experts = ffn.hook_topk_experts(experts)
+                weights = ffn.hook_topk_weights(weights.to(x.dtype))
+                out = ffn.experts(h, experts, weights)[0].view(B, 1, d)
+            x = block.hook_resid_post(x + block.hook_ffn_out(out))
+        x = self.hook_final(F.layer_norm(x, (d,), self.transformer.norm_f.weight, None, eps))
         return linear(x.view(B, d), self.lm_head.weight)                                   # [B, V]
 
-    def runs_plain(self, dispatched: bool | None = None) -> bool:
-        """Whether a forward would observe nothing: no hook attached, no intervention active, eval mode, not
-        dispatched by accelerate (its hooks move weights and inputs) -> `decode_step` may replace it.
-        dispatched: the last condition if already known (it walks every module)."""
+    def decode_step_applies(self, dispatched: bool | None = None) -> bool:
+        """Whether `decode_step` may replace forward: eval mode, no intervention active, not dispatched by
+        accelerate (its hooks move weights and inputs). dispatched: the last condition if already known (it
+        walks every module)."""
         if dispatched is None:
             dispatched = any(hasattr(m, "_hf_hook") for m in self.modules())
-        return (not dispatched and not self.training and not self.hook_embed.fns and not self.hook_final.fns
-                and all(self._plain(i) for i in range(len(self.transformer.blocks))))
+        return not (dispatched or self.training or any(b.ffn.edits or b.norm_attn_norm.attn.edits
+                                                        for b in self.transformer.blocks))
 
     def _plain(self, layer: int) -> bool:
         """Whether block `layer` runs with no hook and no intervention (so nothing observes its other tokens)."""

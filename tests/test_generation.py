@@ -39,7 +39,33 @@ def test_decode_step_equals_a_cached_forward(tiny_cfg, widen, make_ids, variant,
         assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
 
 
-def test_generation_uses_decode_step_only_when_nothing_observes(tiny_model, make_ids):
+def test_decode_step_calls_every_hook_point_as_forward_does(tiny_model, make_ids, two_threads):
+    """Hooks on all points (patterns and per-expert outputs included) see the same names, shapes and values in
+    decode_step as in forward, and a hook that replaces a value changes the logits alike."""
+    ids, tok = make_ids(1, 5), make_ids(1, 1, seed=3)[0]
+    caches = [tiny_model.new_cache(1, 6), tiny_model.new_cache(1, 6)]
+    runs = []
+    with torch.no_grad():
+        for c in caches:
+            tiny_model(ids, cache=c)
+        for run in (lambda: tiny_model(tok[:, None], cache=caches[0], start=5, last_only=True).logits[:, -1],
+                    lambda: tiny_model.decode_step(tok, caches[1], 5)):
+            seen = []
+            hooks = [("*", lambda t, h: seen.append((h.name, t.clone(), h.ctx.positions.tolist(), h.ctx.is_prefill))),
+                     ("blocks.0.hook_ffn_out", lambda t, h: t * 0.5)]
+            with tiny_model.hooks(hooks):
+                runs.append((run(), seen))
+    (ref, ref_seen), (out, seen) = runs
+    assert len(ref_seen) == len(tiny_model.hook_names()) and [s[0] for s in seen] == [s[0] for s in ref_seen]
+    for (name, a, pos_a, pre_a), (_, b, pos_b, pre_b) in zip(ref_seen, seen):
+        assert a.shape == b.shape and (pos_a, pre_a) == (pos_b, pre_b) == ([[5]], False), name
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6, msg=name)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_generation_uses_decode_step_unless_intervening_or_training(tiny_model, make_ids):
+    from dbrx_lab import ExpertAblation
+
     calls = []
     step = tiny_model.decode_step
     tiny_model.decode_step = lambda *a: calls.append(a[2]) or step(*a)
@@ -50,9 +76,13 @@ def test_generation_uses_decode_step_only_when_nothing_observes(tiny_model, make
         seen = []
         with tiny_model.hooks([("blocks.1.ffn.hook_topk_experts", lambda t, h: seen.append(t))]):
             hooked = tiny_model.generate(ids, max_new_tokens=5)
-        assert len(calls) == 4 and len(seen) == 5                      # the prefill and 4 steps, through the modules
+        assert len(calls) == 8 and len(seen) == 5                      # hooks fire in decode_step too
+        with tiny_model.intervene(ExpertAblation(layer=1, experts=0)):
+            tiny_model.generate(ids, max_new_tokens=5)
+            assert not tiny_model.decode_step_applies()
+        assert len(calls) == 8                                         # interventions take forward
         tiny_model.train()
-        assert not tiny_model.runs_plain()
+        assert not tiny_model.decode_step_applies()
     finally:
         del tiny_model.decode_step
     assert torch.equal(plain, hooked)
