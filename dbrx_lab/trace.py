@@ -519,6 +519,7 @@ class Recorder:
         self.L = cfg.n_layers
         self.dtype = record.dtype
         self.per_layer: dict[str, list[torch.Tensor | None]] = {}   # field -> per layer [B, total, ...]
+        self.pending: dict[str, list[list]] = {}                    # field -> per layer [(column, [B, t, ...])]
         self.activations: dict[str, torch.Tensor] = {}              # hook name -> [B, total, ...]
         self.attn_layers = record.attention_layers(cfg)
         self.heads = list(range(cfg.n_heads)) if record.heads is None else list(record.heads)
@@ -577,19 +578,39 @@ class Recorder:
         return slice(self.call_stop - t, self.call_stop)
 
     def _layer_writer(self, field_name: str, dtype: torch.dtype, norm: bool = False) -> Callable:
-        store = self.per_layer.setdefault(field_name, [None] * self.L)
+        """A hook that copies its tensor now and writes it into the layer's buffer at the next `_flush` (so
+        the decode steps' columns go in with one copy per layer, not one per step)."""
+        self.per_layer.setdefault(field_name, [None] * self.L)
+        pending = self.pending.setdefault(field_name, [[] for _ in range(self.L)])
 
         def write(x: torch.Tensor, hook) -> None:                  # x [N, k(, d)] or [N, E]
             if norm:
                 x = torch.linalg.vector_norm(x, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
-            x = x.detach().to("cpu", dtype if x.is_floating_point() else x.dtype)
+            x = x.detach().to("cpu", dtype if x.is_floating_point() else x.dtype, copy=True)   # hooks may edit x
             x = x.reshape(self.B, -1, *x.shape[1:])                                 # [B, t, ...]
-            if store[hook.layer] is None:
-                store[hook.layer] = torch.zeros(self.B, self.total, *x.shape[2:], dtype=x.dtype)
-            store[hook.layer][:, self._columns(x.shape[1])] = x
+            pending[hook.layer].append((self.call_stop - x.shape[1], x))
 
         write.__name__ = f"record_{field_name}"
         return write
+
+    def _flush(self, field_name: str) -> None:
+        """Write a field's pending tensors into its per-layer buffers [B, total, ...]; runs of adjacent
+        columns are concatenated first."""
+        store = self.per_layer[field_name]
+        for layer, pending in enumerate(self.pending[field_name]):
+            if not pending:
+                continue
+            if store[layer] is None:
+                store[layer] = torch.zeros(self.B, self.total, *pending[0][1].shape[2:], dtype=pending[0][1].dtype)
+            run: list[torch.Tensor] = []
+            for i, (col, x) in enumerate(pending):
+                run.append(x)
+                if i + 1 == len(pending) or pending[i + 1][0] != col + x.shape[1]:
+                    stop = col + x.shape[1]
+                    block = run[0] if len(run) == 1 else torch.cat(run, dim=1)
+                    store[layer][:, stop - block.shape[1]:stop] = block
+                    run = []
+            pending.clear()
 
     def _on_pattern(self, x: torch.Tensor, hook) -> None:          # x [B, H, t, S]
         if self.record.heads is not None:
@@ -626,6 +647,7 @@ class Recorder:
 
         A layer with a smaller top-k (a TopK intervention) is padded with expert -1 and weight/norm 0.
         """
+        self._flush(name)
         store = self.per_layer[name]
         missing = [i for i, t in enumerate(store) if t is None]
         if missing:
