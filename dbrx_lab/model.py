@@ -161,9 +161,10 @@ class Attention(nn.Module):
         K, S, G = k.shape[1], k.shape[2], H // k.shape[1]
         qg = q.view(B, K, G, T, D)
         scores = (qg @ k[:, :, None].transpose(-1, -2)).view(B, H, T, S) / math.sqrt(D)
-        if mask is None:
+        if mask is None and T > 1:                                                 # causal (one query sees all)
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        scores = scores.masked_fill(~mask, float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         scores = self.hook_scores(scores)
         pattern = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         pattern = self.hook_pattern(pattern)
@@ -362,7 +363,9 @@ class Experts(nn.Module):
             outs.append(y)
             hiddens.append(h)
         slot_rows = [order.index(slot) for slot in range(k)]                     # row of each slot
-        hidden_norm = torch.cat(hiddens)[slot_rows, 0].float().norm(dim=-1)[None] if want_hidden_norm else None
+        hidden_norm = None
+        if want_hidden_norm:
+            hidden_norm = torch.linalg.vector_norm(torch.cat(hiddens)[slot_rows, 0].float(), dim=-1)[None]
         if weights is None:
             return torch.cat(outs)[slot_rows, 0][None], hidden_norm               # [1, k, d]
         out = outs[0]
