@@ -146,7 +146,7 @@ def stream(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, attention_mask=
     mask = None if attention_mask is None else attention_mask.to(device).long()
     cache = model.new_cache(B, T + max_new_tokens)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    dispatched = any(hasattr(m, "_hf_hook") for m in model.modules())
+    dispatched = model.dispatched()
     logits = model(ids, mask, cache=cache, start=0, last_only=True).logits[:, -1].float()   # [B, V]
     pos = T
     for i in range(max_new_tokens):

@@ -576,27 +576,12 @@ class DbrxLM(HookedMixin, nn.Module):
         device = self.transformer.wte.weight.device
         input_ids = input_ids.to(device)
         S = start + T
-        columns = torch.arange(start, S, device=device).expand(B, T)
         if attention_mask is not None:
             attention_mask = attention_mask.to(device=device, dtype=torch.bool)
             if attention_mask.shape != (B, S):
                 raise ValueError(f"attention_mask must be [batch, {S}] (cache + new tokens), got "
                                  f"{tuple(attention_mask.shape)}")
-            if bool(attention_mask.all()):
-                attention_mask = None
-        if attention_mask is None:
-            positions, mask = columns, None
-            if start > 0 and T > 1:                     # new tokens after cached ones: causal among themselves
-                mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(start)[None, None]   # [1, 1, T, S]
-        else:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]       # [B, T]
-            causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(start)           # [T, S]
-            mask = causal & attention_mask[:, None, :]                                      # [B, T, S]
-            mask = mask | (columns[:, :, None] == torch.arange(S, device=device))           # pads see self
-            mask = mask[:, None]                                                            # [B, 1, T, S]
-        ctx = self.ctx
-        ctx.positions, ctx.attention_mask, ctx.is_prefill = columns, attention_mask, start == 0
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
+        cos, sin, mask = self._start_call(attention_mask, B, T, start, device)
 
         x = self.hook_embed(self.transformer.wte(input_ids))                        # [B, T, d]
         all_router_logits = []
@@ -631,20 +616,9 @@ class DbrxLM(HookedMixin, nn.Module):
         cfg = self.config
         B, H, K, D = tokens.shape[0], cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
         d, eps, clip = cfg.d_model, cfg.layer_norm_eps, cfg.clip_qkv
-        columns = torch.full((B, 1), start, device=tokens.device)                          # [B, 1]
         if attention_mask is not None:
             attention_mask = attention_mask.to(torch.bool)
-            if bool(attention_mask.all()):
-                attention_mask = None
-        positions, mask = columns, None
-        if attention_mask is not None:
-            positions = (attention_mask.sum(-1, keepdim=True) - 1).clamp(min=0)            # [B, 1]
-            mask = attention_mask.clone()
-            mask[:, start] = True                                                           # a pad sees itself
-            mask = mask[:, None, None, :]                                                   # [B, 1, 1, S]
-        ctx = self.ctx
-        ctx.positions, ctx.attention_mask, ctx.is_prefill = columns, attention_mask, start == 0
-        cos, sin = rope_cos_sin(positions, D, cfg.rope_theta, self.dtype)                   # [B, 1, 1, D]
+        cos, sin, mask = self._start_call(attention_mask, B, 1, start, tokens.device)       # [B, 1, 1, D]
         x = self.hook_embed(F.embedding(tokens.view(B, 1), self.transformer.wte.weight))   # [B, 1, d]
         for block, layer_cache in zip(self.transformer.blocks, cache):
             nan, ffn = block.norm_attn_norm, block.ffn
@@ -678,14 +652,40 @@ class DbrxLM(HookedMixin, nn.Module):
         x = self.hook_final(F.layer_norm(x, (d,), self.transformer.norm_f.weight, None, eps))
         return linear(x.view(B, d), self.lm_head.weight)                                   # [B, V]
 
+    def _start_call(self, attention_mask: torch.Tensor | None, B: int, T: int, start: int, device):
+        """Per-call state for T new tokens at columns start..start+T-1: sets `ctx` and returns RoPE cos, sin
+        [B, T, 1, D] and the attention mask [B or 1, 1, T, S] bool, or None for plain causal attention.
+        attention_mask: [B, S] bool (1 real, 0 padding) or None."""
+        S = start + T
+        columns = torch.arange(start, S, device=device).expand(B, T)                      # [B, T]
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        if attention_mask is None:
+            positions, mask = columns, None
+            if start > 0 and T > 1:                     # new tokens after cached ones: causal among themselves
+                mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(start)[None, None]   # [1, 1, T, S]
+        else:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]       # [B, T]
+            causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(start)           # [T, S]
+            mask = causal & attention_mask[:, None, :]                                      # [B, T, S]
+            mask = mask | (columns[:, :, None] == torch.arange(S, device=device))           # pads see self
+            mask = mask[:, None]                                                            # [B, 1, T, S]
+        ctx = self.ctx
+        ctx.positions, ctx.attention_mask, ctx.is_prefill = columns, attention_mask, start == 0
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
+        return cos, sin, mask
+
+    def dispatched(self) -> bool:
+        """Whether accelerate's hooks are attached (`load_model(..., device_map=...)`)."""
+        return any(hasattr(m, "_hf_hook") for m in self.modules())
+
     def decode_step_applies(self, dispatched: bool | None = None) -> bool:
         """Whether `decode_step` may replace forward: eval mode, no intervention active, not dispatched by
         accelerate (its hooks move weights and inputs). dispatched: the last condition if already known (it
         walks every module)."""
         if dispatched is None:
-            dispatched = any(hasattr(m, "_hf_hook") for m in self.modules())
-        return not (dispatched or self.training or any(b.ffn.edits or b.norm_attn_norm.attn.edits
-                                                        for b in self.transformer.blocks))
+            dispatched = self.dispatched()
+        return not (dispatched or self.training or self.active_interventions())
 
     def _plain(self, layer: int) -> bool:
         """Whether block `layer` runs with no hook and no intervention (so nothing observes its other tokens)."""

@@ -588,7 +588,7 @@ class Recorder:
                 x = torch.linalg.vector_norm(x, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
             x = x.detach().to("cpu", dtype if x.is_floating_point() else x.dtype, copy=True)   # hooks may edit x
             x = x.reshape(self.B, -1, *x.shape[1:])                                 # [B, t, ...]
-            pending[hook.layer].append((self.call_stop - x.shape[1], x))
+            pending[hook.layer].append((self._columns(x.shape[1]).start, x))
 
         write.__name__ = f"record_{field_name}"
         return write
