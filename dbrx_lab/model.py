@@ -156,19 +156,19 @@ class Attention(nn.Module):
         return self.out_proj(z.reshape(B, -1, H * D))
 
     def _explicit(self, q, k, v, mask):
-        """Attention that materialises the pattern [B, H, T, S]; GQA by grouping, without copying K/V."""
+        """Attention that materialises the pattern [B, H, T, S]. GQA without copying K/V: the G query heads
+        that share a KV head are stacked as G*T rows of one product with it."""
         B, H, T, D = q.shape
-        K, S, G = k.shape[1], k.shape[2], H // k.shape[1]
-        qg = q.view(B, K, G, T, D)
-        scores = (qg @ k[:, :, None].transpose(-1, -2)).view(B, H, T, S) / math.sqrt(D)
+        K, S = k.shape[1], k.shape[2]
+        scores = (q.reshape(B, K, H // K * T, D) @ k.transpose(-1, -2)).view(B, H, T, S).div_(math.sqrt(D))
         if mask is None and T > 1:                                                 # causal (one query sees all)
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores.masked_fill_(~mask, float("-inf"))
         scores = self.hook_scores(scores)
-        pattern = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         pattern = self.hook_pattern(pattern)
-        return (pattern.view(B, K, G, T, S) @ v[:, :, None]).view(B, H, T, D)
+        return (pattern.reshape(B, K, H // K * T, S) @ v).view(B, H, T, D)
 
 
 class NormAttnNorm(nn.Module):
@@ -428,7 +428,7 @@ class MoE(nn.Module):
         if want_norm:
             self.hook_expert_hidden_norm(hidden_norm)
         if want_out:
-            out = torch.einsum("nkd,nk->nd", self.hook_expert_out(out), weights)  # [N, d]
+            out = torch.bmm(weights[:, None], self.hook_expert_out(out))[:, 0]    # [N, 1, k] @ [N, k, d] -> [N, d]
         return out.view(B, T, d), logits
 
 
