@@ -418,10 +418,16 @@ class MoE(nn.Module):
         """x [B, T, d] -> (output [B, T, d], router logits [N, E])."""
         B, T, d = x.shape
         flat = x.reshape(-1, d)                                                    # [N, d]
-        logits = self.hook_router_logits(self.router(flat))                       # [N, E]
+        out, logits = self.mix(flat, self.router(flat))
+        return out.view(B, T, d), logits
+
+    def mix(self, flat: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """flat [N, d] and its raw router logits [N, E] -> (weighted sum of the chosen experts' outputs
+        [N, d], router logits as hooked): everything after the router, hook points included."""
+        logits = self.hook_router_logits(logits)
         experts, weights, _ = self.route(logits)
         experts = self.hook_topk_experts(experts)
-        weights = self.hook_topk_weights(weights.to(x.dtype))
+        weights = self.hook_topk_weights(weights.to(flat.dtype))
         want_norm = bool(self.hook_expert_hidden_norm.fns)
         want_out = bool(self.hook_expert_out.fns)                                  # else no [N, k, d]
         out, hidden_norm = self.experts(flat, experts, None if want_out else weights, want_norm)
@@ -429,7 +435,7 @@ class MoE(nn.Module):
             self.hook_expert_hidden_norm(hidden_norm)
         if want_out:
             out = torch.bmm(weights[:, None], self.hook_expert_out(out))[:, 0]    # [N, 1, k] @ [N, k, d] -> [N, d]
-        return out.view(B, T, d), logits
+        return out, logits
 
 
 class Block(nn.Module):
@@ -639,15 +645,8 @@ class DbrxLM(HookedMixin, nn.Module):
             z = attn.hook_z(z.transpose(1, 2))                                              # [B, 1, H, D]
             attn_out = block.hook_attn_out(linear(z.reshape(B, H * D), attn.out_proj.weight).view(B, 1, d))
             x = block.hook_resid_mid(x + attn_out)
-            h = F.layer_norm(x, (d,), nan.norm_2.weight, None, eps)                        # [B, 1, d]
-            if ffn.hook_expert_out.fns or ffn.hook_expert_hidden_norm.fns:
-                out = ffn(h)[0]
-            else:
-                h = h.view(B, d)
-                experts, weights, _ = ffn.route(ffn.hook_router_logits(F.linear(h, ffn.router.layer.weight)))
-                experts = ffn.hook_topk_experts(experts)
-                weights = ffn.hook_topk_weights(weights.to(x.dtype))
-                out = ffn.experts(h, experts, weights)[0].view(B, 1, d)
+            h = F.layer_norm(x, (d,), nan.norm_2.weight, None, eps).view(B, d)
+            out = ffn.mix(h, F.linear(h, ffn.router.layer.weight))[0].view(B, 1, d)       # router without jitter: eval
             x = block.hook_resid_post(x + block.hook_ffn_out(out))
         x = self.hook_final(F.layer_norm(x, (d,), self.transformer.norm_f.weight, None, eps))
         return linear(x.view(B, d), self.lm_head.weight)                                   # [B, V]
