@@ -498,6 +498,7 @@ class DbrxLM(HookedMixin, nn.Module):
         self.ctx = ForwardContext()
         self.hook_points = self._name_hook_points()
         self.tokenizer = None           # set by load_model; used when generate() gets text
+        self.screen_greedy: bool | None = None   # greedy decoding via generation.UnembedScreen: None = when it pays
         self.reset_parameters()
 
     def _name_hook_points(self) -> dict[str, HookPoint]:
@@ -611,8 +612,9 @@ class DbrxLM(HookedMixin, nn.Module):
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, cache: Sequence[KVCache], start: int,
-                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B] (one new token per row, at column `start`) -> next-token logits [B, V].
+                    attention_mask: torch.Tensor | None = None, *, unembed: bool = True) -> torch.Tensor:
+        """tokens [B] (one new token per row, at column `start`) -> next-token logits [B, V], or with
+        unembed=False the input of lm_head [B, d] (after norm_f and hook_final).
 
         The computation of `forward(tokens[:, None], attention_mask, cache=cache, start=start, last_only=True)`,
         hook points included, written out as one function (gpt-fast's decode step): without nn.Module calls
@@ -648,8 +650,8 @@ class DbrxLM(HookedMixin, nn.Module):
             h = F.layer_norm(x, (d,), nan.norm_2.weight, None, eps).view(B, d)
             out = ffn.mix(h, F.linear(h, ffn.router.layer.weight))[0].view(B, 1, d)       # router without jitter: eval
             x = block.hook_resid_post(x + block.hook_ffn_out(out))
-        x = self.hook_final(F.layer_norm(x, (d,), self.transformer.norm_f.weight, None, eps))
-        return linear(x.view(B, d), self.lm_head.weight)                                   # [B, V]
+        x = self.hook_final(F.layer_norm(x, (d,), self.transformer.norm_f.weight, None, eps)).view(B, d)
+        return linear(x, self.lm_head.weight) if unembed else x                             # [B, V] or [B, d]
 
     def _start_call(self, attention_mask: torch.Tensor | None, B: int, T: int, start: int, device):
         """Per-call state for T new tokens at columns start..start+T-1: sets `ctx` and returns RoPE cos, sin

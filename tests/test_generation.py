@@ -96,6 +96,103 @@ def test_greedy_is_argmax_of_full_forward(tiny_model, make_ids):
     assert torch.equal(logits[0, 3:-1].argmax(-1), out[0, 4:])
 
 
+def near_tied_unembedding(V: int = 4096, d: int = 64, B: int = 24, seed: int = 0):
+    """(lm_head weight [V, d], x [B, d]) where row b of x has two rows of the weight within ~1e-4 relative of
+    its largest logit, on either side, whose int8 roundings differ (they are ~5 quantization steps apart
+    across x). The int8 product alone cannot tell them apart."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(V, d, generator=g) * (0.1 + torch.rand(V, 1, generator=g))     # rows of varied scale
+    x = torch.randn(B, d, generator=g) * (0.5 + 4 * torch.rand(B, 1, generator=g))
+    for b in range(B):
+        best = int((x[b] @ weight.T).argmax())
+        unit = x[b] / x[b].norm()
+        across = torch.randn(d, generator=g)
+        across -= (across @ unit) * unit                                        # orthogonal to x[b]
+        step = float(weight[best].abs().max()) / 127
+        row = V - 1 - b
+        shift = (1e-4 if b % 2 else -1e-4) * float(x[b] @ weight[best]) / float(x[b].norm())
+        weight[row] = weight[best] + 5 * step * across / across.abs().max() + shift * unit
+    return weight, x
+
+
+def coarse_row_unembedding(V: int = 4096, d: int = 64, B: int = 4, seed: int = 1):
+    """(lm_head weight [V, d], x [B, d]) where, for row b of x, row k of the weight wins by 1e-4 relative
+    over row j, but k has one huge entry (where x is 0), so its int8 step is coarse, and every other entry
+    sits just short of a rounding midpoint, so its int8 logit falls ~10% below; the int8 product picks j."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(V, d, generator=g)
+    x = torch.randn(B, d, generator=g)
+    x[:, 0] = 0
+    for b in range(B):
+        j, k = V - 1 - 2 * b, V - 2 - 2 * b
+        base = weight[int((x[b] @ weight.T).argmax())].clone()
+        top = float(x[b] @ base)
+        huge = 0.1 * top * 127 / (0.45 * float(x[b].abs().sum()))
+        step = float(torch.tensor(huge * (1 + 2.0 ** -7) / 127).bfloat16())     # k's int8 step (UnembedScreen)
+        row = ((base / step).round() + 0.45 * x[b].sign()) * step
+        row[0] = huge
+        weight[k] = row
+        exact_k = float(x[b] @ row)
+        weight[j] = base + (exact_k * (1 - 1e-4) - top) * x[b] / float(x[b] @ x[b])
+    return weight, x
+
+
+@pytest.mark.parametrize("case", [near_tied_unembedding, coarse_row_unembedding])
+def test_unembed_screen_finds_the_float32_argmax(case, two_threads):
+    from dbrx_lab.generation import UnembedScreen
+    from dbrx_lab.model import linear
+
+    weight, x = case()
+    ref = greedy(linear(x, weight))
+    screen = UnembedScreen(weight)
+    int8_only = torch._weight_int8pack_mm(x.bfloat16(), screen.q, screen.scale).float().argmax(-1)
+    assert (int8_only != ref).sum() >= 4                                         # the int8 product alone errs
+    assert torch.equal(screen.greedy(x, weight), ref)                           # batched
+    assert torch.equal(torch.cat([screen.greedy(row[None], weight) for row in x]), ref)
+    for bad in (float("inf"), float("nan")):                                    # full product; NaN wins as in argmax
+        y = x[:3].clone()
+        y[1, 5] = bad
+        assert torch.equal(screen.greedy(y, weight), greedy(linear(y, weight)))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_generation_with_the_screen_equals_the_full_product(tiny_vocab_model, batch, two_threads):
+    """The demo-sized vocabulary (100352 x 64) takes the screen by default; same tokens and step logits without."""
+    from dbrx_lab.generation import unembed_screen
+
+    model = tiny_vocab_model
+    ids = torch.randint(0, 100352, (batch, 7), generator=torch.Generator().manual_seed(batch))
+    runs = []
+    try:
+        for flag in (None, False):
+            model.screen_greedy = flag
+            assert (unembed_screen(model) is not None) == (flag is None)
+            steps = []
+            runs.append((model.generate(ids, max_new_tokens=12, eos_token_id=[], streamer=steps.append), steps))
+    finally:
+        model.screen_greedy = None
+    (screened, steps), (full, ref_steps) = runs
+    assert torch.equal(screened, full)
+    for s, r in zip(steps, ref_steps):
+        torch.testing.assert_close(s.logits, r.logits, atol=1e-5, rtol=0)
+
+
+def test_the_screen_follows_in_place_edits_of_lm_head(tiny_model, make_ids):
+    """An edit through `.data` (which autograd's version counter does not see) still rebuilds the int8 copy."""
+    import copy
+
+    tiny_model.screen_greedy = True
+    ids = make_ids(1, 4, seed=1)
+    before = tiny_model.generate(ids, max_new_tokens=4)[0, 4:].tolist()
+    second, unused = before[1], next(t for t in range(512) if t not in before)
+    w = tiny_model.lm_head.weight
+    w.data[[second, unused]] = w.data[[unused, second]]                            # swap two rows in place
+    reference = copy.deepcopy(tiny_model)
+    reference.screen_greedy = False
+    after = tiny_model.generate(ids, max_new_tokens=4)
+    assert after[0, 5] == unused and torch.equal(after, reference.generate(ids, max_new_tokens=4))
+
+
 def test_sampling_reproducible_with_seed(tiny_model, make_ids):
     ids = make_ids(2, 4)
     kw = dict(max_new_tokens=20, do_sample=True, temperature=1.5)

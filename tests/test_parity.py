@@ -79,13 +79,20 @@ def test_greedy_generation(pair, make_ids):
     assert torch.equal(out, ref)
 
 
-def test_greedy_generation_and_decode_logits_with_two_threads(pair, make_ids, two_threads):
+@pytest.mark.parametrize("screen", [None, True])
+def test_greedy_generation_and_decode_logits_with_two_threads(pair, make_ids, two_threads, screen):
+    """screen=True: tokens from the int8 UnembedScreen (off by default at this vocabulary) and logits computed
+    when a Step is read."""
     hf, ours = pair
     ids = make_ids(1, 6, seed=3)
     ref = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0,
                       output_logits=True, return_dict_in_generate=True)
     steps = []
-    out = ours.generate(ids, max_new_tokens=20, streamer=steps.append)
+    ours.screen_greedy = screen
+    try:
+        out = ours.generate(ids, max_new_tokens=20, streamer=steps.append)
+    finally:
+        ours.screen_greedy = None
     assert torch.equal(out, ref.sequences)
     logits = torch.stack([s.logits for s in steps], dim=1)                  # [1, 20, V]
     torch.testing.assert_close(logits, torch.stack(ref.logits, dim=1), atol=1e-4, rtol=0)
