@@ -44,13 +44,13 @@ class UnembedScreen:
     """Greedy next tokens from final hidden states without the full float32 product with lm_head.
 
     A decoding step at batch 1 spends about a third of its time streaming lm_head (float32 [V, d]). The
-    screen keeps an int8 copy (one bfloat16 scale per row, a quarter of the bytes; built once, 0.1-0.7 s)
+    screen keeps an int8 copy (one bfloat16 scale per row, a quarter of the bytes; built once, 0.06-0.5 s)
     and multiplies with it (torch's `_weight_int8pack_mm`, gpt-fast's int8 weight-only kernel). A bound on
     that product's error (int8 rounding of the weights, bfloat16 rounding of x and of the output, float32
     sums) leaves the few rows that can still hold the maximum; their float32 logits are computed exactly and
     the first maximum wins. The token is thus the argmax of the float32 logits, as with the full product, up
-    to the float32 rounding any two matrix-vector kernels differ by. Rows whose x is not finite, or more
-    than `MAX_CANDIDATES` candidates, take the full product.
+    to the float32 rounding any two matrix-vector kernels differ by. An x that is not finite, or more than
+    `MAX_CANDIDATES` candidates per row, takes the full product. Bound and tests: docs/design-notes.md.
     """
 
     MIN_ENTRIES = 1 << 22           # 16 MB in float32; smaller ones stay in cache and gain nothing (benchmarks/README.md)
@@ -287,7 +287,7 @@ def stream(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, attention_mask=
         if not model.decode_step_applies(dispatched):
             hidden = None
             logits = model(tokens[:, None], mask, cache=cache, start=pos, last_only=True).logits[:, -1].float()
-        elif screen is not None:
+        elif screen is not None or done:                                            # done: only for the hooks
             hidden = model.decode_step(tokens, cache, pos, mask, unembed=False)
         else:
             logits = model.decode_step(tokens, cache, pos, mask).float()
