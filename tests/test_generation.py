@@ -97,9 +97,9 @@ def test_greedy_is_argmax_of_full_forward(tiny_model, make_ids):
 
 
 def near_tied_unembedding(V: int = 4096, d: int = 64, B: int = 24, seed: int = 0):
-    """(lm_head weight [V, d], x [B, d]) where row b of x has two rows of the weight within ~1e-4 relative of
-    its largest logit, on either side, whose int8 roundings differ (they are ~5 quantization steps apart
-    across x). The int8 product alone cannot tell them apart."""
+    """(lm_head weight [V, d], x [B, d]) where, for row b of x, a second weight row is within ~1e-4 relative
+    of the largest logit (above it for odd b, below for even b) but ~5 int8 steps away from the best row
+    across x, so the two round differently. The int8 product alone cannot tell them apart."""
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(V, d, generator=g) * (0.1 + torch.rand(V, 1, generator=g))     # rows of varied scale
     x = torch.randn(B, d, generator=g) * (0.5 + 4 * torch.rand(B, 1, generator=g))
