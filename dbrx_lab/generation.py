@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
+from .model import linear
+
 if TYPE_CHECKING:
     from .model import DbrxLM
 
@@ -53,7 +55,7 @@ class UnembedScreen:
     `MAX_CANDIDATES` candidates per row, takes the full product. Bound and tests: docs/design-notes.md.
     """
 
-    MIN_ENTRIES = 1 << 22           # 16 MB in float32; smaller ones stay in cache and gain nothing (benchmarks/README.md)
+    MIN_ENTRIES = 1 << 22           # 16 MB in float32; smaller ones gain nothing here (benchmarks/README.md)
     MAX_CANDIDATES = 4096           # per row
     OUT_REL = 2.0 ** -6             # bound on the relative error of the bfloat16 output (its rounding is 2^-8)
 
@@ -78,8 +80,6 @@ class UnembedScreen:
         return weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device
 
     def _fingerprint(self, weight: torch.Tensor) -> torch.Tensor:
-        from .model import linear
-
         return linear(self.probe[None], weight)[0]                                       # [V]
 
     def matches(self, weight: torch.Tensor) -> bool:
@@ -95,8 +95,6 @@ class UnembedScreen:
 
     def greedy(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [B, d] float32 (lm_head's input), weight lm_head's [V, d] -> argmax_v (x @ weight.T) [B] long."""
-        from .model import linear
-
         B = x.shape[0]
         a = torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.q, self.scale)   # [B, V] bf16
         tops = a.amax(-1).tolist()
@@ -128,13 +126,15 @@ def unembed_screen(model: "DbrxLM") -> UnembedScreen | None:
     wanted = model.screen_greedy
     if wanted is None:
         wanted = weight.numel() >= UnembedScreen.MIN_ENTRIES
-    screen = model.__dict__.get("_unembed_screen")
-    if wanted and UnembedScreen.applies(weight) and screen is not None and screen.matches(weight):
-        return screen
-    model.__dict__.pop("_unembed_screen", None)             # stale: free it before building another
-    if not (wanted and UnembedScreen.applies(weight) and bool(torch.isfinite(weight).all())):
+    screen = model.__dict__.pop("_unembed_screen", None)
+    if not (wanted and UnembedScreen.applies(weight)):
         return None
-    model.__dict__["_unembed_screen"] = screen = UnembedScreen(weight)
+    if screen is None or not screen.matches(weight):
+        screen = None                                       # stale: free it before building another
+        if not bool(torch.isfinite(weight).all()):
+            return None
+        screen = UnembedScreen(weight)
+    model.__dict__["_unembed_screen"] = screen
     return screen
 
 
@@ -266,7 +266,7 @@ def stream(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, attention_mask=
     cache = model.new_cache(B, T + max_new_tokens)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     dispatched = model.dispatched()
-    screen = None if do_sample or dispatched else unembed_screen(model)
+    screen = None if do_sample or dispatched or max_new_tokens < 2 else unembed_screen(model)   # used from token 2
     logits = model(ids, mask, cache=cache, start=0, last_only=True).logits[:, -1].float()   # [B, V]
     hidden = None           # instead of logits: lm_head's input [B, d] when the screen picks the token
     pos = T
