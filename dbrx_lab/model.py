@@ -205,10 +205,13 @@ class ExpertGLU(nn.Module):
         self.v1 = nn.Parameter(torch.empty(E * Fh, d))
         self.w2 = nn.Parameter(torch.empty(E * Fh, d))
 
-    def expert(self, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [n, d] through expert e -> (output [n, d], GLU hidden [n, F])."""
+    def expert(self, x: torch.Tensor, e: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [n, d] through expert e -> (output [n, d], GLU hidden [n, F]). out: a contiguous [n, d] tensor
+        for the output (n > SPLIT_MAX_ROWS)."""
         rows = slice(e * self.ffn, (e + 1) * self.ffn)
         h = F.silu(linear(x, self.w1[rows]), inplace=True).mul_(linear(x, self.v1[rows]))   # [n, F]
+        if out is not None:
+            return torch.mm(h, self.w2[rows], out=out), h
         return linear(h, self.w2[rows].T), h
 
     def pairs_possible(self) -> bool:
@@ -258,64 +261,67 @@ class Experts(nn.Module):
 
         out: each chosen expert's unweighted output [N, k, d]; or, given `weights` [N, k], the weighted
         sum over the k experts [N, d], accumulated per token without materialising [N, k, d].
-        Only routed (token, expert) pairs are computed, sorted by expert. When every expert's tokens fit
-        in a batch of m rows with little padding (`padded_rows_ok`), all experts run as one bmm over
-        [E, m, d] (each thread takes whole experts); otherwise each expert that got tokens runs one GLU
-        over its rows, or two experts of similar size share one bmm (`_groups`), and the results are added
-        into `out` (per-expert buffers stay small).
+        Only routed (token, expert) pairs are computed, their rows gathered sorted by expert. When every
+        expert's tokens fit in a batch of m rows with little padding (`padded_rows_ok`), all experts run as
+        one bmm over [E, m, d] (each thread takes whole experts); otherwise experts run one or two at a time
+        (`_grouped`). The weighted outputs are then added into `out` with one index_add.
         """
         N, k = experts.shape
         if N == 1 and k > 1 and self._pairs_pay(x):
             return self._one_token(x, experts[0].tolist(), weights, want_hidden_norm)
-        E = self.mlp.n_experts
+        E, d = self.mlp.n_experts, x.shape[1]
         flat = experts.reshape(-1)                                                 # [N*k] pair = (token, rank)
         order = flat.argsort(stable=True)                                          # pairs sorted by expert
         counts = torch.bincount(flat, minlength=E)                                 # [E]
         token_of = order // k                                                      # [N*k]
+        xs = x.index_select(0, token_of)                                           # [N*k, d] sorted by expert
         m = int(counts.max())
         if padded_rows_ok(E, m, N * k) and self.mlp.pairs_possible():
             expert_of = flat[order]                                                # [N*k] sorted
-            slot = torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[expert_of]
-            xp = x.new_zeros(E, m, x.shape[1])
-            xp[expert_of, slot] = x[token_of]
-            y, h = self.mlp.all_experts(xp)                                        # [E, m, d], [E, m, F]
-            y = y[expert_of, slot]                                                 # [N*k, d]
-            hidden_norm = None
-            if want_hidden_norm:
-                hidden_norm = x.new_empty(N * k, dtype=torch.float32)
-                hidden_norm[order] = h[expert_of, slot].float().norm(dim=-1)
-                hidden_norm = hidden_norm.view(N, k)
-            if weights is None:
-                return y.new_empty(N * k, y.shape[1]).index_copy_(0, order, y).view(N, k, -1), hidden_norm
-            out = x.new_zeros(N, x.shape[1])
-            return out.index_add_(0, token_of, y.mul_(weights.reshape(-1)[order, None])), hidden_norm
-        if weights is None:
-            out, dest, scale = x.new_zeros(N * k, x.shape[1]), order, None         # row of each pair
+            row = expert_of * m + torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[expert_of]
+            xp = x.new_zeros(E * m, d).index_copy_(0, row, xs)                     # expert e: rows e*m...
+            y, h = self.mlp.all_experts(xp.view(E, m, d))                          # [E, m, d], [E, m, F]
+            ys = y.view(E * m, d).index_select(0, row)                             # [N*k, d]
+            hs = [(slice(None), h.view(E * m, -1).index_select(0, row))] if want_hidden_norm else []
         else:
-            out, dest, scale = x.new_zeros(N, x.shape[1]), token_of, weights.reshape(-1)[order, None]
-        hidden_norm = x.new_zeros(N * k, dtype=torch.float32) if want_hidden_norm else None
+            ys, hs = self._grouped(xs, counts.tolist(), want_hidden_norm)
+        hidden_norm = None
+        if want_hidden_norm:
+            hidden_norm = x.new_empty(N * k, dtype=torch.float32)
+            for rows, h in hs:
+                hidden_norm[rows] = h.float().norm(dim=-1)
+            hidden_norm = hidden_norm.new_empty(N * k).index_copy_(0, order, hidden_norm).view(N, k)
+        if weights is None:
+            return ys.new_empty(N * k, d).index_copy_(0, order, ys).view(N, k, d), hidden_norm
+        ys.mul_(weights.reshape(-1)[order, None])
+        # a token's outputs are added in ascending expert order, the order of the rows
+        return x.new_zeros(N, d).index_add_(0, token_of, ys), hidden_norm
 
-        def add(rows: slice, y: torch.Tensor, h: torch.Tensor) -> None:          # y [n, d], h [n, F]
-            out.index_add_(0, dest[rows], y if scale is None else y.mul_(scale[rows]))
-            if want_hidden_norm:
-                hidden_norm[order[rows]] = h.float().norm(dim=-1)
-
-        n_of = counts.tolist()
+    def _grouped(self, xs: torch.Tensor, n_of: list[int], want_hidden: bool):
+        """xs [P, d]: rows sorted by expert, n_of[e] of them for expert e -> (outputs [P, d] in the same
+        order, [(rows, GLU hidden [n, F])] if want_hidden). Each expert that got rows runs one GLU over them,
+        or two experts of similar size share one bmm (`_groups`)."""
         rows_of = [slice(s - n, s) for s, n in zip(itertools.accumulate(n_of), n_of)]
-        for group in self._groups(n_of, x):
+        ys = torch.empty_like(xs)
+        hs = []
+        into_ys = not (torch.is_grad_enabled() and (xs.requires_grad or self.mlp.w2.requires_grad))  # mm(out=)
+        for group in self._groups(n_of, xs):
             if len(group) == 1:
                 e = group[0]
-                add(rows_of[e], *self.mlp.expert(x[token_of[rows_of[e]]], e))
+                if into_ys and n_of[e] > SPLIT_MAX_ROWS:
+                    _, h = self.mlp.expert(xs[rows_of[e]], e, out=ys[rows_of[e]])
+                else:
+                    ys[rows_of[e]], h = self.mlp.expert(xs[rows_of[e]], e)
+                hs.append((rows_of[e], h))
                 continue
             a, b = group                                                           # a < b
-            xs = x.new_zeros(2, max(n_of[a], n_of[b]), x.shape[1])                 # zero-padded rows
-            xs[0, :n_of[a]], xs[1, :n_of[b]] = x[token_of[rows_of[a]]], x[token_of[rows_of[b]]]
-            y, h = self.mlp.expert_pair(xs, a, b)                                  # [2, m, d], [2, m, F]
-            add(rows_of[a], y[0, :n_of[a]], h[0, :n_of[a]])
-            add(rows_of[b], y[1, :n_of[b]], h[1, :n_of[b]])
-        if want_hidden_norm:
-            hidden_norm = hidden_norm.view(N, k)
-        return (out.view(N, k, -1) if weights is None else out), hidden_norm
+            na, nb = n_of[a], n_of[b]
+            pad = xs.new_zeros(2, max(na, nb), xs.shape[1])                        # zero-padded rows
+            pad[0, :na], pad[1, :nb] = xs[rows_of[a]], xs[rows_of[b]]
+            y, h = self.mlp.expert_pair(pad, a, b)                                 # [2, m, d], [2, m, F]
+            ys[rows_of[a]], ys[rows_of[b]] = y[0, :na], y[1, :nb]
+            hs += [(rows_of[a], h[0, :na]), (rows_of[b], h[1, :nb])]
+        return ys, (hs if want_hidden else [])
 
     def _pairs_pay(self, x: torch.Tensor) -> bool:
         """Whether to run experts two at a time (`ExpertGLU.expert_pair`): a multi-threaded CPU, no autograd,
