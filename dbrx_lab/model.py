@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -72,23 +73,51 @@ class Linear(nn.Linear):
         return linear(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
 
 
+class Scratch(threading.local):
+    """Buffers reused from call to call (one set per thread) for the MoE's large temporaries when no
+    gradient is recorded.
+
+    glibc hands blocks at or above its (adaptive) mmap threshold out as fresh mmaps and returns them on
+    free, so a large temporary allocated anew every layer costs one page fault per 4 KiB on first touch:
+    measured ~10-25 thousand faults, 5-10% of a 512-token prefill on the benchmark model. A buffer grows
+    to the largest size asked for and is kept until `clear()`.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised contiguous tensor of `shape` with like's dtype and device; the same memory as
+        the previous `get` of `name` (whose contents it may hold)."""
+        n = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[name] = like.new_empty(n)
+        return buf[:n].view(shape)
+
+    def clear(self) -> None:
+        self.buffers.clear()
+
+
+SCRATCH = Scratch()
+
+
 # ------------------------------------------------------------------------------------------------
 # RoPE
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [B, T, 1, D] (broadcast over heads) for integer positions [B, T]; computed in float32,
-    returned in `dtype`."""
+    """cos, signed sin [B, T, 1, D] (broadcast over heads) for integer positions [B, T]; computed in float32,
+    returned in `dtype`. The sin's first half is negated, as `apply_rope` wants it."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
                                 .float() / head_dim))                              # [D/2]
     freqs = positions.float()[..., None, None] * inv_freq                          # [B, T, 1, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)                                        # [B, T, 1, D]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = freqs.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, heads, D] rotated with the rotate-half convention; cos, sin [B, T, 1, D]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos).add_(rotated.mul_(sin))                                       # x cos + rotated sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, D] rotated with the rotate-half convention, x cos + (-x2, x1) sin; cos, signed_sin
+    [B, T, 1, D] from `rope_cos_sin`. Rolling x by D/2 gives (x2, x1); the sign is in signed_sin."""
+    return (x * cos).addcmul_(x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,35 +234,50 @@ class ExpertGLU(nn.Module):
         self.v1 = nn.Parameter(torch.empty(E * Fh, d))
         self.w2 = nn.Parameter(torch.empty(E * Fh, d))
 
-    def expert(self, x: torch.Tensor, e: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def expert(self, x: torch.Tensor, e: int, out: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, d] through expert e -> (output [n, d], GLU hidden [n, F]). out: a contiguous [n, d] tensor
-        for the output (n > SPLIT_MAX_ROWS)."""
+        for the output; then (n > SPLIT_MAX_ROWS, no autograd) the hidden is a `SCRATCH` buffer, valid
+        until the next call."""
         rows = slice(e * self.ffn, (e + 1) * self.ffn)
-        h = F.silu(linear(x, self.w1[rows]), inplace=True).mul_(linear(x, self.v1[rows]))   # [n, F]
-        if out is not None:
-            return torch.mm(h, self.w2[rows], out=out), h
-        return linear(h, self.w2[rows].T), h
+        if out is None:
+            h = F.silu(linear(x, self.w1[rows]), inplace=True).mul_(linear(x, self.v1[rows]))   # [n, F]
+            return linear(h, self.w2[rows].T), h
+        shape = (x.shape[0], self.ffn)
+        h = F.silu(torch.mm(x, self.w1[rows].T, out=SCRATCH.get("glu_a", shape, x)), inplace=True)
+        h.mul_(torch.mm(x, self.v1[rows].T, out=SCRATCH.get("glu_b", shape, x)))
+        return torch.mm(h, self.w2[rows], out=out), h
 
     def pairs_possible(self) -> bool:
         """Whether `expert_pair` and `all_experts` apply: w1, v1, w2 contiguous (views of experts' rows)."""
         return self.w1.is_contiguous() and self.v1.is_contiguous() and self.w2.is_contiguous()
 
-    def all_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def all_experts(self, x: torch.Tensor, scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [E, m, d] (row block e for expert e) -> (outputs [E, m, d], GLU hiddens [E, m, F]); one bmm per
-        weight over [E, F, d] views of the stacked weights."""
+        weight over [E, F, d] views of the stacked weights. Given `scratch`, the results are its buffers."""
         E, Fh, d = self.n_experts, self.ffn, x.shape[2]
         w1, v1, w2 = (w.view(E, Fh, d) for w in (self.w1, self.v1, self.w2))
-        h = F.silu(torch.bmm(x, w1.transpose(1, 2)), inplace=True).mul_(torch.bmm(x, v1.transpose(1, 2)))
-        return torch.bmm(h, w2), h
+        return self._glu_bmm(x, w1, v1, w2, scratch)
 
-    def expert_pair(self, x: torch.Tensor, a: int, b: int, scale: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _glu_bmm(x, w1, v1, w2, scratch: Scratch | None, scale: torch.Tensor | None = None):
+        """x [G, m, d], w1 and v1 [G, F, d], w2 [G, F, d] -> (outputs [G, m, d], GLU hiddens [G, m, F]);
+        scale [G, m, 1] weights the outputs (applied to a copy of the hiddens before w2)."""
+        G, m, Fh = x.shape[0], x.shape[1], w1.shape[1]
+        get = (lambda name, shape: None) if scratch is None else (lambda name, shape: scratch.get(name, shape, x))
+        h = F.silu(torch.bmm(x, w1.transpose(1, 2), out=get("glu_a", (G, m, Fh))), inplace=True)
+        h = h.mul_(torch.bmm(x, v1.transpose(1, 2), out=get("glu_b", (G, m, Fh))))   # [G, m, F]
+        return torch.bmm(h if scale is None else h * scale, w2, out=get("glu_y", (G, m, x.shape[2]))), h
+
+    def expert_pair(self, x: torch.Tensor, a: int, b: int, scale: torch.Tensor | None = None,
+                    scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [2, m, d]: m rows for expert a and m for expert b (a <= b) -> (outputs [2, m, d], GLU hiddens
         [2, m, F]).
 
         Expert b's rows lie a fixed stride after expert a's, so each (contiguous) weight gives a [2, F, d]
         view and each product is one bmm, which torch runs on two threads, one expert each. scale
         [2, m, 1]: weights the outputs (applied to the hiddens before w2; the returned hiddens are unscaled).
+        Given `scratch` (m > 1), the results are its buffers.
         """
         Fh, d = self.ffn, x.shape[2]
 
@@ -244,10 +288,8 @@ class ExpertGLU(nn.Module):
             xT = x.transpose(1, 2)                                                 # [2, d, 1]
             h = F.silu(torch.bmm(pair(self.w1), xT), inplace=True).mul_(torch.bmm(pair(self.v1), xT))
             h = h.transpose(1, 2)                                                  # [2, 1, F]
-        else:
-            h = F.silu(torch.bmm(x, pair(self.w1).transpose(1, 2)), inplace=True)
-            h = h.mul_(torch.bmm(x, pair(self.v1).transpose(1, 2)))                # [2, m, F]
-        return torch.bmm(h if scale is None else h * scale, pair(self.w2)), h
+            return torch.bmm(h if scale is None else h * scale, pair(self.w2)), h
+        return self._glu_bmm(x, pair(self.w1), pair(self.v1), pair(self.w2), scratch, scale)
 
 
 class Experts(nn.Module):
@@ -270,26 +312,25 @@ class Experts(nn.Module):
         if N == 1 and k > 1 and self._pairs_pay(x):
             return self._one_token(x, experts[0].tolist(), weights, want_hidden_norm)
         E, d = self.mlp.n_experts, x.shape[1]
+        scratch = None if torch.is_grad_enabled() and (x.requires_grad or self.mlp.w1.requires_grad) else SCRATCH
         flat = experts.reshape(-1)                                                 # [N*k] pair = (token, rank)
         order = flat.argsort(stable=True)                                          # pairs sorted by expert
         counts = torch.bincount(flat, minlength=E)                                 # [E]
         token_of = order // k                                                      # [N*k]
-        xs = x.index_select(0, token_of)                                           # [N*k, d] sorted by expert
+        xs = torch.index_select(x, 0, token_of, out=scratch and scratch.get("moe_x", (N * k, d), x))
+        hidden_norm = x.new_empty(N * k, dtype=torch.float32) if want_hidden_norm else None   # sorted
         m = int(counts.max())
         if padded_rows_ok(E, m, N * k) and self.mlp.pairs_possible():
             expert_of = flat[order]                                                # [N*k] sorted
             row = expert_of * m + torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[expert_of]
-            xp = x.new_zeros(E * m, d).index_copy_(0, row, xs)                     # expert e: rows e*m...
-            y, h = self.mlp.all_experts(xp.view(E, m, d))                          # [E, m, d], [E, m, F]
+            xp = x.new_zeros(E * m, d) if scratch is None else scratch.get("moe_pad", (E * m, d), x).zero_()
+            y, h = self.mlp.all_experts(xp.index_copy_(0, row, xs).view(E, m, d), scratch)   # [E, m, d], [E, m, F]
             ys = y.view(E * m, d).index_select(0, row)                             # [N*k, d]
-            hs = [(slice(None), h.view(E * m, -1).index_select(0, row))] if want_hidden_norm else []
+            if want_hidden_norm:
+                hidden_norm = h.view(E * m, -1).index_select(0, row).float().norm(dim=-1)
         else:
-            ys, hs = self._grouped(xs, counts.tolist(), want_hidden_norm)
-        hidden_norm = None
+            ys = self._grouped(xs, counts.tolist(), scratch, hidden_norm)
         if want_hidden_norm:
-            hidden_norm = x.new_empty(N * k, dtype=torch.float32)
-            for rows, h in hs:
-                hidden_norm[rows] = h.float().norm(dim=-1)
             hidden_norm = hidden_norm.new_empty(N * k).index_copy_(0, order, hidden_norm).view(N, k)
         if weights is None:
             return ys.new_empty(N * k, d).index_copy_(0, order, ys).view(N, k, d), hidden_norm
@@ -297,31 +338,33 @@ class Experts(nn.Module):
         # a token's outputs are added in ascending expert order, the order of the rows
         return x.new_zeros(N, d).index_add_(0, token_of, ys), hidden_norm
 
-    def _grouped(self, xs: torch.Tensor, n_of: list[int], want_hidden: bool):
-        """xs [P, d]: rows sorted by expert, n_of[e] of them for expert e -> (outputs [P, d] in the same
-        order, [(rows, GLU hidden [n, F])] if want_hidden). Each expert that got rows runs one GLU over them,
-        or two experts of similar size share one bmm (`_groups`)."""
+    def _grouped(self, xs: torch.Tensor, n_of: list[int], scratch: Scratch | None,
+                 hidden_norm: torch.Tensor | None) -> torch.Tensor:
+        """xs [P, d]: rows sorted by expert, n_of[e] of them for expert e -> outputs [P, d] in the same order
+        (a `scratch` buffer if given); fills hidden_norm [P] (GLU hidden L2 norms) if given. Each expert that
+        got rows runs one GLU over them, or two experts of similar size share one bmm (`_groups`)."""
         rows_of = [slice(s - n, s) for s, n in zip(itertools.accumulate(n_of), n_of)]
-        ys = torch.empty_like(xs)
-        hs = []
-        into_ys = not (torch.is_grad_enabled() and (xs.requires_grad or self.mlp.w2.requires_grad))  # mm(out=)
+        ys = torch.empty_like(xs) if scratch is None else scratch.get("moe_y", tuple(xs.shape), xs)
         for group in self._groups(n_of, xs):
             if len(group) == 1:
-                e = group[0]
-                if into_ys and n_of[e] > SPLIT_MAX_ROWS:
-                    _, h = self.mlp.expert(xs[rows_of[e]], e, out=ys[rows_of[e]])
+                e, rows = group[0], rows_of[group[0]]
+                if scratch is not None and n_of[e] > SPLIT_MAX_ROWS:
+                    _, h = self.mlp.expert(xs[rows], e, out=ys[rows])
                 else:
-                    ys[rows_of[e]], h = self.mlp.expert(xs[rows_of[e]], e)
-                hs.append((rows_of[e], h))
+                    ys[rows], h = self.mlp.expert(xs[rows], e)
+                if hidden_norm is not None:
+                    hidden_norm[rows] = h.float().norm(dim=-1)
                 continue
             a, b = group                                                           # a < b
             na, nb = n_of[a], n_of[b]
-            pad = xs.new_zeros(2, max(na, nb), xs.shape[1])                        # zero-padded rows
+            shape = (2, max(na, nb), xs.shape[1])
+            pad = xs.new_zeros(shape) if scratch is None else scratch.get("moe_pad", shape, xs).zero_()
             pad[0, :na], pad[1, :nb] = xs[rows_of[a]], xs[rows_of[b]]
-            y, h = self.mlp.expert_pair(pad, a, b)                                 # [2, m, d], [2, m, F]
+            y, h = self.mlp.expert_pair(pad, a, b, scratch=scratch)                # [2, m, d], [2, m, F]
             ys[rows_of[a]], ys[rows_of[b]] = y[0, :na], y[1, :nb]
-            hs += [(rows_of[a], h[0, :na]), (rows_of[b], h[1, :nb])]
-        return ys, (hs if want_hidden else [])
+            if hidden_norm is not None:
+                hidden_norm[rows_of[a]], hidden_norm[rows_of[b]] = h[0, :na].float().norm(dim=-1), h[1, :nb].float().norm(dim=-1)
+        return ys
 
     def _pairs_pay(self, x: torch.Tensor) -> bool:
         """Whether to run experts two at a time (`ExpertGLU.expert_pair`): a multi-threaded CPU, no autograd,
@@ -660,8 +703,8 @@ class DbrxLM(HookedMixin, nn.Module):
         return linear(x, self.lm_head.weight) if unembed else x                             # [B, V] or [B, d]
 
     def _start_call(self, attention_mask: torch.Tensor | None, B: int, T: int, start: int, device):
-        """Per-call state for T new tokens at columns start..start+T-1: sets `ctx` and returns RoPE cos, sin
-        [B, T, 1, D] and the attention mask [B or 1, 1, T, S] bool, or None for plain causal attention.
+        """Per-call state for T new tokens at columns start..start+T-1: sets `ctx` and returns RoPE cos and
+        signed sin [B, T, 1, D] and the attention mask [B or 1, 1, T, S] bool, or None for plain causal attention.
         attention_mask: [B, S] bool (1 real, 0 padding) or None."""
         S = start + T
         columns = torch.arange(start, S, device=device).expand(B, T)                      # [B, T]

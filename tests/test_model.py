@@ -149,7 +149,7 @@ def test_moe_padded_batch_matches_the_per_expert_loop(tiny_model, tokens, monkey
     padded = model_module.padded_rows_ok(E, m, tokens * k)
     calls = []
     batched = experts.mlp.all_experts
-    monkeypatch.setattr(experts.mlp, "all_experts", lambda xp: calls.append(tuple(xp.shape)) or batched(xp))
+    monkeypatch.setattr(experts.mlp, "all_experts", lambda xp, *a: calls.append(tuple(xp.shape)) or batched(xp, *a))
     with torch.no_grad():
         fast = experts(x, idx, w, want_hidden_norm=True), experts(x, idx, None, want_hidden_norm=True)
         monkeypatch.setattr(model_module, "padded_rows_ok", lambda *a: False)
@@ -330,7 +330,7 @@ def test_grouped_path_pairs_experts_of_similar_size(tiny_model, two_threads, mon
     calls = []
     pair = experts.mlp.expert_pair
     monkeypatch.setattr(experts.mlp, "expert_pair",
-                        lambda xs, a, b: calls.append((a, b, xs.shape[1])) or pair(xs, a, b))
+                        lambda xs, a, b, **kw: calls.append((a, b, xs.shape[1])) or pair(xs, a, b, **kw))
     with torch.no_grad():
         fast = experts(x, idx, w, want_hidden_norm=True), experts(x, idx, None, want_hidden_norm=True)
         torch.set_num_threads(1)
