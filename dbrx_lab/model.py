@@ -84,15 +84,15 @@ class Scratch(threading.local):
     """
 
     def __init__(self) -> None:
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """An uninitialised contiguous tensor of `shape` with like's dtype and device; the same memory as
-        the previous `get` of `name` (whose contents it may hold)."""
-        n = math.prod(shape)
-        buf = self.buffers.get(name)
-        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self.buffers[name] = like.new_empty(n)
+        the previous `get` of `name` for that dtype and device (whose contents it may hold)."""
+        n, key = math.prod(shape), (name, like.dtype, like.device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[key] = like.new_empty(n)
         return buf[:n].view(shape)
 
     def clear(self) -> None:

@@ -341,3 +341,61 @@ def test_grouped_path_pairs_experts_of_similar_size(tiny_model, two_threads, mon
     for (out_f, norm_f), (out_s, norm_s) in zip(fast, slow):
         torch.testing.assert_close(out_f, out_s, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(norm_f, norm_s, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["padded", "grouped", "pairs"])
+def test_moe_scratch_buffers_are_reused_and_never_returned(tiny_model, path, monkeypatch):
+    """Without autograd the MoE's temporaries live in model.SCRATCH: a second call of the same size reuses
+    the same memory, no result aliases it (an earlier result survives a later call), and the results equal
+    those of the autograd path, which allocates as usual."""
+    import dbrx_lab.model as model_module
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2 if path == "pairs" else 1)   # pairs need threads
+    if path != "padded":
+        monkeypatch.setattr(model_module, "padded_rows_ok", lambda *a: False)
+    experts = tiny_model.blocks[0].ffn.experts
+    E, k, d, tokens = tiny_model.config.moe_num_experts, 4, tiny_model.config.d_model, 60
+    g = torch.Generator().manual_seed(3)
+
+    def inputs(skew):
+        x = torch.randn(tokens, d, generator=g)
+        idx = torch.rand(tokens, E, generator=g).add_(torch.linspace(0, skew, E)).topk(k).indices
+        return x, idx, torch.rand(tokens, k, generator=g)
+
+    skew = 0.0 if path == "padded" else 0.6
+    first, second = inputs(skew), inputs(skew)
+    model_module.SCRATCH.clear()
+    with torch.no_grad():
+        results = [experts(x, idx, w, want_hidden_norm=True) for x, idx, w in (first, second)]
+        unweighted = experts(*first[:2], None, want_hidden_norm=True)
+        kept = [(out.clone(), norm.clone()) for out, norm in results]
+        ptrs = {key: buf.data_ptr() for key, buf in model_module.SCRATCH.buffers.items()}
+        experts(*second)                                                   # same size: same buffers
+        assert {key: buf.data_ptr() for key, buf in model_module.SCRATCH.buffers.items()} == ptrs
+        assert ptrs, "no scratch buffer used"
+    for (out, norm), (out_kept, norm_kept) in zip(results, kept):
+        assert torch.equal(out, out_kept) and torch.equal(norm, norm_kept)
+    x, idx, w = first
+    out_grad, norm_grad = experts(x.clone().requires_grad_(), idx, w, want_hidden_norm=True)   # no scratch
+    close = dict(atol=1e-5, rtol=1e-5)               # the autograd path runs no pairs: other rounding
+    torch.testing.assert_close(results[0][0], out_grad.detach(), **close)
+    torch.testing.assert_close(results[0][1], norm_grad, **close)
+    torch.testing.assert_close(unweighted[0], experts(x.clone().requires_grad_(), idx)[0].detach(), **close)
+
+
+def test_scratch_is_per_thread_and_per_dtype():
+    import threading
+
+    from dbrx_lab.model import Scratch
+
+    scratch = Scratch()
+    a = scratch.get("x", (4, 8), torch.empty(0))
+    assert scratch.get("x", (2, 8), torch.empty(0)).data_ptr() == a.data_ptr()          # smaller: same memory
+    assert scratch.get("x", (4, 8), torch.empty(0, dtype=torch.float64)).dtype == torch.float64
+    assert scratch.get("x", (4, 8), torch.empty(0)).data_ptr() == a.data_ptr()          # float32 one kept
+    assert scratch.get("x", (8, 8), torch.empty(0)).shape == (8, 8)                     # grows
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(dict(scratch.buffers)))
+    thread.start()
+    thread.join()
+    assert seen == [{}]
