@@ -365,22 +365,24 @@ def test_moe_scratch_buffers_are_reused_and_never_returned(tiny_model, path, mon
     skew = 0.0 if path == "padded" else 0.6
     first, second = inputs(skew), inputs(skew)
     model_module.SCRATCH.clear()
+    buffers = model_module.SCRATCH.buffers
     with torch.no_grad():
-        results = [experts(x, idx, w, want_hidden_norm=True) for x, idx, w in (first, second)]
-        unweighted = experts(*first[:2], None, want_hidden_norm=True)
-        kept = [(out.clone(), norm.clone()) for out, norm in results]
-        ptrs = {key: buf.data_ptr() for key, buf in model_module.SCRATCH.buffers.items()}
-        experts(*second)                                                   # same size: same buffers
-        assert {key: buf.data_ptr() for key, buf in model_module.SCRATCH.buffers.items()} == ptrs
+        for x, idx, w in (first, second, first, second):                  # buffers reach their sizes
+            experts(x, idx, w, want_hidden_norm=True), experts(x, idx, None, want_hidden_norm=True)
+        ptrs = {key: buf.data_ptr() for key, buf in buffers.items()}
         assert ptrs, "no scratch buffer used"
-    for (out, norm), (out_kept, norm_kept) in zip(results, kept):
-        assert torch.equal(out, out_kept) and torch.equal(norm, norm_kept)
+        out, norm = experts(*first, want_hidden_norm=True)
+        unweighted, _ = experts(*first[:2], None)
+        kept = out.clone(), norm.clone(), unweighted.clone()
+        experts(*second, want_hidden_norm=True), experts(*second[:2], None)   # other values, same buffers
+        assert {key: buf.data_ptr() for key, buf in buffers.items()} == ptrs
+    assert all(torch.equal(a, b) for a, b in zip((out, norm, unweighted), kept))   # not overwritten
     x, idx, w = first
     out_grad, norm_grad = experts(x.clone().requires_grad_(), idx, w, want_hidden_norm=True)   # no scratch
     close = dict(atol=1e-5, rtol=1e-5)               # the autograd path runs no pairs: other rounding
-    torch.testing.assert_close(results[0][0], out_grad.detach(), **close)
-    torch.testing.assert_close(results[0][1], norm_grad, **close)
-    torch.testing.assert_close(unweighted[0], experts(x.clone().requires_grad_(), idx)[0].detach(), **close)
+    torch.testing.assert_close(out, out_grad.detach(), **close)
+    torch.testing.assert_close(norm, norm_grad, **close)
+    torch.testing.assert_close(unweighted, experts(x.clone().requires_grad_(), idx)[0].detach(), **close)
 
 
 def test_scratch_is_per_thread_and_per_dtype():
