@@ -107,6 +107,13 @@ def scratch_out(scratch: Scratch | None, name: str, shape: tuple[int, ...], like
     return None if scratch is None else scratch.get(name, shape, like)
 
 
+def scratch_tensor(scratch: Scratch | None, name: str, shape: tuple[int, ...], like: torch.Tensor,
+                   zero: bool = False) -> torch.Tensor:
+    """`scratch.get(name, shape, like)`, or a new tensor without scratch; zero-filled if `zero`."""
+    t = like.new_empty(shape) if scratch is None else scratch.get(name, shape, like)
+    return t.zero_() if zero else t
+
+
 # ------------------------------------------------------------------------------------------------
 # RoPE
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -115,8 +122,8 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
                                 .float() / head_dim))                              # [D/2]
     freqs = positions.float()[..., None, None] * inv_freq                          # [B, T, 1, D/2]
-    sin = freqs.sin()
-    return torch.cat((freqs, freqs), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -326,7 +333,7 @@ class Experts(nn.Module):
         if padded_rows_ok(E, m, N * k) and self.mlp.pairs_possible():
             expert_of = flat[order]                                                # [N*k] sorted
             row = expert_of * m + torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[expert_of]
-            xp = x.new_zeros(E * m, d) if scratch is None else scratch.get("moe_pad", (E * m, d), x).zero_()
+            xp = scratch_tensor(scratch, "moe_pad", (E * m, d), x, zero=True)
             xp.index_copy_(0, row, xs)
             y, h = self.mlp.all_experts(xp.view(E, m, d), scratch)                 # [E, m, d], [E, m, F]
             ys = torch.index_select(y.view(E * m, d), 0, row, out=scratch_out(scratch, "moe_y", (N * k, d), x))
@@ -348,7 +355,7 @@ class Experts(nn.Module):
         (a `scratch` buffer if given); fills hidden_norm [P] (GLU hidden L2 norms) if given. Each expert that
         got rows runs one GLU over them, or two experts of similar size share one bmm (`_groups`)."""
         rows_of = [slice(s - n, s) for s, n in zip(itertools.accumulate(n_of), n_of)]
-        ys = torch.empty_like(xs) if scratch is None else scratch.get("moe_y", tuple(xs.shape), xs)
+        ys = scratch_tensor(scratch, "moe_y", tuple(xs.shape), xs)
         for group in self._groups(n_of, xs):
             if len(group) == 1:
                 e, rows = group[0], rows_of[group[0]]
@@ -362,7 +369,7 @@ class Experts(nn.Module):
             a, b = group                                                           # a < b
             na, nb = n_of[a], n_of[b]
             shape = (2, max(na, nb), xs.shape[1])
-            pad = xs.new_zeros(shape) if scratch is None else scratch.get("moe_pad", shape, xs).zero_()
+            pad = scratch_tensor(scratch, "moe_pad", shape, xs, zero=True)
             pad[0, :na], pad[1, :nb] = xs[rows_of[a]], xs[rows_of[b]]
             y, h = self.mlp.expert_pair(pad, a, b, scratch=scratch)                # [2, m, d], [2, m, F]
             ys[rows_of[a]], ys[rows_of[b]] = y[0, :na], y[1, :nb]
