@@ -328,7 +328,7 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=E)                                 # [E]
         token_of = order // k                                                      # [N*k]
         xs = torch.index_select(x, 0, token_of, out=scratch_out(scratch, "moe_x", (N * k, d), x))
-        hidden_norm = x.new_empty(N * k, dtype=torch.float32) if want_hidden_norm else None   # sorted
+        hidden_norm = None                                                         # [N*k] sorted, if wanted
         m = int(counts.max())
         if padded_rows_ok(E, m, N * k) and self.mlp.pairs_possible():
             expert_of = flat[order]                                                # [N*k] sorted
@@ -340,6 +340,8 @@ class Experts(nn.Module):
             if want_hidden_norm:
                 hidden_norm = h.view(E * m, -1).index_select(0, row).float().norm(dim=-1)
         else:
+            if want_hidden_norm:
+                hidden_norm = x.new_empty(N * k, dtype=torch.float32)
             ys = self._grouped(xs, counts.tolist(), scratch, hidden_norm)
         if want_hidden_norm:
             hidden_norm = hidden_norm.new_empty(N * k).index_copy_(0, order, hidden_norm).view(N, k)
