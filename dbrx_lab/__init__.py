@@ -1,15 +1,17 @@
 """dbrx-lab: a Jupyter workbench for interpretability research on DBRX."""
 from .config import PRESETS, DbrxConfig
-from .model import DbrxLM, DbrxOutput
+from .lm import DbrxLM
+from .model import DbrxOutput
 from .trace import Record, Trace
-from .checkpoint import load_model, save_pretrained
+from .checkpoint import save_pretrained
+from .loading import load_model
 from .tokenizer import DbrxTokenizer, load_tokenizer
 from .interventions import (ExpertAblation, ExpertForce, ExpertScale, HeadAblation, Intervention, RoutingPatch,
                             TopK)
 from . import analysis
 from .route_stats import route_stats
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def __getattr__(name: str):

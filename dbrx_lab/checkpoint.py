@@ -1,10 +1,13 @@
-"""Load and save DBRX checkpoints in HF format (config.json + safetensors shards + index), streaming.
+"""Read, validate and save DBRX checkpoints in HF format (config.json + safetensors shards + index), streaming.
 
 A checkpoint folder holds `config.json` and either `model.safetensors` or shards
-`model-00001-of-0000N.safetensors` listed in `model.safetensors.index.json`. Loading checks every
-file header against the model's expected names and shapes before any weight is read, then copies
-tensors one at a time into a model allocated once (peak RAM ~ model + one tensor + one mapped shard).
-Pickle files are never read.
+`model-00001-of-0000N.safetensors` listed in `model.safetensors.index.json`. Every file header is checked
+against the model's expected names and shapes before any weight is read (`checkpoint_tensors`,
+`validate_checkpoint`); `read_weights` then copies tensors one at a time into a model allocated once (peak
+RAM ~ model + one tensor + one mapped shard). Pickle files are never read.
+
+Building a model from a preset or a folder (and accelerate dispatch) is `dbrx_lab.loading.load_model`; this
+module imports only `config`, so that the model classes may import it (DbrxLM.save_pretrained).
 """
 from __future__ import annotations
 
@@ -21,16 +24,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import PRESETS, DbrxConfig
-from .model import Block, DbrxLM
+from .config import DbrxConfig
 
-__all__ = ["load_model", "save_pretrained", "checkpoint_tensors", "DEMO_DIR"]
+__all__ = ["save_pretrained", "checkpoint_tensors", "checkpoint_files", "read_config", "validate_checkpoint",
+           "read_weights", "resolve_dtype", "dtype_name"]
 
-DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-NO_SPLIT = ["Block"]                  # accelerate must keep a block (attention + its 16 experts) whole
-MAX_RANDOM_PARAMS = 2_000_000_000     # random-init presets above this are refused (dbrx-instruct: 131.6B)
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -44,79 +44,6 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
-
-
-# ------------------------------------------------------------------------------------------------
-# loading
-def load_model(source: str | os.PathLike, dtype: torch.dtype | str | None = None,
-               device: torch.device | str | None = None, device_map: str | dict | None = None,
-               max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
-               seed: int = 0) -> DbrxLM:
-    """A DbrxLM in eval mode from a preset name or an HF-format checkpoint folder.
-
-    source: "demo" (the bundled trained tiny model), a config preset ("tiny", "tiny-vocab", "bench":
-        random weights drawn with `seed`), or a folder with config.json + safetensors.
-    dtype: torch dtype or its name; None keeps the checkpoint's stored dtype (presets: config.torch_dtype),
-        except for "demo", stored in bfloat16 and loaded in float32 (CPUs without bf16 units run bf16 slowly).
-    device: where to allocate the whole model (default CPU). Exclusive with device_map.
-    device_map: "auto" | "balanced" | "sequential" | {module name: device} for accelerate's big-model
-        inference (blocks are never split; `max_memory` caps each device, e.g. {"cpu": "2GiB"};
-        modules that do not fit go to "disk" in `offload_folder`).
-    The model gets `.tokenizer` when its vocabulary is DBRX's (100352 rows).
-    """
-    if device is not None and device_map is not None:
-        raise ValueError("give either device (one device) or device_map (accelerate dispatch), not both")
-    if isinstance(source, str) and source == "demo":
-        if not (DEMO_DIR / "config.json").is_file():
-            raise FileNotFoundError(f"the bundled demo model is not in this install yet (expected config.json and "
-                                    f"model.safetensors in {DEMO_DIR}); use load_model('tiny') for a random model")
-        source = DEMO_DIR
-        dtype = torch.float32 if dtype is None else dtype
-    if isinstance(source, str) and source in PRESETS:
-        if device_map is not None:
-            raise ValueError("device_map applies to checkpoint folders; presets take device=")
-        model = _random_model(source, _resolve_dtype(dtype), device, seed)
-    else:
-        folder = Path(source)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{str(source)!r} is neither a preset ({', '.join(['demo', *PRESETS])}) nor a "
-                                    f"checkpoint folder")
-        model = _load_folder(folder, dtype, device, device_map, max_memory, offload_folder)
-    model.eval()
-    if model.config.vocab_size == 100352:
-        from .tokenizer import load_tokenizer
-
-        model.tokenizer = load_tokenizer()
-    return model
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return None
-    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
-    return resolved
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _random_model(name: str, dtype: torch.dtype | None, device, seed: int) -> DbrxLM:
-    cfg = dataclasses.replace(PRESETS[name])
-    if cfg.n_params > MAX_RANDOM_PARAMS:
-        raise ValueError(f"preset {name!r} has {cfg.n_params / 1e9:.1f}B parameters: too big for random weights; "
-                         f"load the released checkpoint folder, or build it empty with "
-                         f"`with torch.device('meta'): DbrxLM(PRESETS[{name!r}])`")
-    dtype = dtype or _resolve_dtype(cfg.torch_dtype) or torch.float32
-    cfg.torch_dtype = _dtype_name(dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DbrxLM(cfg)
-    return model.to(device=device or "cpu", dtype=dtype)
 
 
 def read_config(folder: Path) -> DbrxConfig:
@@ -205,7 +132,7 @@ def checkpoint_tensors(folder: str | os.PathLike) -> dict[str, TensorInfo]:
     return found
 
 
-def validate_checkpoint(model: DbrxLM, found: dict[str, TensorInfo], folder: Path) -> None:
+def validate_checkpoint(model: torch.nn.Module, found: dict[str, TensorInfo], folder: Path) -> None:
     """Raise one ValueError naming every missing, unexpected and misshapen tensor (expected vs found shape)."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     optional = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
@@ -230,76 +157,31 @@ def validate_checkpoint(model: DbrxLM, found: dict[str, TensorInfo], folder: Pat
                          + "\n  ".join(problems))
 
 
-def _load_folder(folder: Path, dtype, device, device_map, max_memory, offload_folder) -> DbrxLM:
-    cfg = read_config(folder)
-    found = checkpoint_tensors(folder)
-    dtype = _resolve_dtype(dtype) or next(iter(found.values())).dtype
-    cfg.torch_dtype = _dtype_name(dtype)
-    with torch.device("meta"):
-        model = DbrxLM(cfg)
-    validate_checkpoint(model, found, folder)
-    model.to(dtype)                                                  # meta: changes dtypes only
-    if device_map is not None:
-        return _dispatch(model, folder, dtype, device_map, max_memory, offload_folder)
-    model.to_empty(device=device or "cpu")
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.transformer.wte.weight
+def read_weights(model: torch.nn.Module, found: dict[str, TensorInfo]) -> None:
+    """Copy every tensor of a validated checkpoint (`checkpoint_tensors`) into the model's allocated
+    parameters, one safetensors file open at a time and one tensor at a time."""
     params = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for path in dict.fromkeys(info.file for info in found.values()):
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():
                     params[name].copy_(f.get_tensor(name))
-    return model
 
 
-def _dispatch(model: DbrxLM, folder: Path, dtype, device_map, max_memory, offload_folder) -> DbrxLM:
-    """accelerate big-model inference: blocks stay whole; offloaded blocks load all their weights at once."""
-    from accelerate import infer_auto_device_map, load_checkpoint_and_dispatch
-    from accelerate.utils import get_balanced_memory
-
-    if isinstance(device_map, str):
-        if device_map not in ("auto", "balanced", "sequential"):
-            raise ValueError(f"device_map must be 'auto', 'balanced', 'sequential' or a dict, got {device_map!r}")
-        if device_map != "sequential":
-            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=NO_SPLIT,
-                                             dtype=dtype)
-        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=NO_SPLIT,
-                                           dtype=dtype)
-    elif not isinstance(device_map, dict):
-        raise ValueError(f"device_map must be 'auto', 'balanced', 'sequential' or a dict, got {device_map!r}")
-    device_map = _blockwise(model, device_map)
-    if "disk" in device_map.values() and offload_folder is None:
-        raise ValueError(f"device_map puts {[n for n, d in device_map.items() if d == 'disk']} on disk: "
-                         f"give offload_folder= (a folder for the offloaded weights)")
-    return load_checkpoint_and_dispatch(model, str(folder), device_map=device_map, offload_folder=offload_folder,
-                                        dtype=dtype, no_split_module_classes=NO_SPLIT,
-                                        preload_module_classes=NO_SPLIT)
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A floating torch dtype from a dtype, its name ("bfloat16", "torch.float32") or None / "auto" (None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
+    return resolved
 
 
-def _blockwise(model: DbrxLM, device_map: dict) -> dict:
-    """Split coarse entries ("", "transformer.blocks", ...) into blocks and top-level modules, more specific
-    entries winning; the embedding, final norm and head are never put on disk (forward reads their device)."""
-    out = {}
-
-    def expand(name: str, dev) -> None:
-        module = model.get_submodule(name)
-        children = list(module.named_children())
-        if isinstance(module, Block) or not children:
-            out[name] = "cpu" if dev == "disk" and not isinstance(module, Block) else dev
-        else:
-            for child, _ in children:
-                expand(f"{name}.{child}" if name else child, dev)
-
-    for name in sorted(device_map, key=lambda n: len(n.split(".")) if n else 0):
-        if re.match(r"transformer\.blocks\.\d+\.", name):
-            raise ValueError(f"device_map entry {name!r} splits a block; map whole blocks "
-                             f"('transformer.blocks.N') or larger modules")
-        try:
-            expand(name, device_map[name])
-        except AttributeError:
-            raise ValueError(f"device_map names {name!r}, which is not a module of DbrxLM") from None
-    return out
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,7 +212,7 @@ def plan_shards(nbytes: dict[str, int], max_bytes: int) -> list[list[str]]:
     return shards
 
 
-def save_pretrained(model: DbrxLM, folder: str | os.PathLike, max_shard_size: int | str = "5GB",
+def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike, max_shard_size: int | str = "5GB",
                     dtype: torch.dtype | str | None = None) -> Path:
     """Write config.json, generation_config.json and safetensors weights (sharded + index above max_shard_size).
 
@@ -338,7 +220,7 @@ def save_pretrained(model: DbrxLM, folder: str | os.PathLike, max_shard_size: in
     weight files of an earlier save that the new one does not use are removed. Returns the folder.
     """
     folder = Path(folder)
-    dtype = _resolve_dtype(dtype) or model.dtype
+    dtype = resolve_dtype(dtype) or model.dtype
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -362,7 +244,7 @@ def save_pretrained(model: DbrxLM, folder: str | os.PathLike, max_shard_size: in
             index = {"metadata": {"total_size": sum(sizes.values())},
                      "weight_map": {n: file for file, shard in zip(names, shards) for n in shard}}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        cfg = dataclasses.replace(model.config, torch_dtype=_dtype_name(dtype))
+        cfg = dataclasses.replace(model.config, torch_dtype=dtype_name(dtype))
         cfg.save_pretrained(tmp)
         if cfg.eos_token_id:
             gen = {"eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
@@ -385,3 +267,4 @@ def _move_into(tmp: Path, folder: Path) -> None:
     for stale in [*folder.glob("model*.safetensors"), folder / INDEX_FILE]:
         if stale.name not in new and stale.is_file():
             stale.unlink()
+

@@ -7,21 +7,22 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
-from .model import linear
+from .kernels import LINEAR
+from .kernels.unembed import UnembedScreen, screen_for
+from .tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
-    from .model import DbrxLM
+    from .lm import DbrxLM
 
-__all__ = ["Step", "UnembedScreen", "generate", "generate_text", "stream", "prepare_prompt", "sample_next", "greedy",
-           "unembed_screen"]
+__all__ = ["Step", "UnembedScreen", "generate", "generate_text", "stream", "prepare_prompt", "sample_next", "greedy"]
 
 
 class Step:
     """One generated token per row. index: 0 for the first new token; position: its column in the sequence.
     tokens [B] long; logits [B, V] float32 (before temperature/filtering); finished [B] bool after this step.
 
-    `logits` may be given as a function that computes them: greedy decoding with an UnembedScreen never forms
-    the full product, and a Step computes it on first access only.
+    `logits` may be given as a function that computes them: greedy decoding through lm_head's int8 screen
+    never forms the full product, and a Step computes it on first access only.
     """
 
     __slots__ = ("index", "position", "tokens", "finished", "_logits")
@@ -42,109 +43,12 @@ class Step:
                 f"finished={self.finished.tolist()})")
 
 
-class UnembedScreen:
-    """Greedy next tokens from final hidden states without the full float32 product with lm_head.
-
-    A decoding step at batch 1 spends about a third of its time streaming lm_head (float32 [V, d]). The
-    screen keeps an int8 copy (one bfloat16 scale per row, a quarter of the bytes; built once, 0.06-0.5 s)
-    and multiplies with it (torch's `_weight_int8pack_mm`, gpt-fast's int8 weight-only kernel). A bound on
-    that product's error (int8 rounding of the weights, bfloat16 rounding of x and of the output, float32
-    sums) leaves the few rows that can still hold the maximum; their float32 logits are computed exactly and
-    the first maximum wins. The token is thus the argmax of the float32 logits, as with the full product, up
-    to the float32 rounding any two matrix-vector kernels differ by. An x that is not finite, or more than
-    `MAX_CANDIDATES` candidates per row, takes the full product. Bound and tests: docs/design-notes.md.
-    """
-
-    MIN_ENTRIES = 1 << 22           # 16 MB in float32; smaller ones gain nothing here (benchmarks/README.md)
-    MAX_CANDIDATES = 4096           # per row
-    OUT_REL = 2.0 ** -6             # bound on the relative error of the bfloat16 output (its rounding is 2^-8)
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        """weight: lm_head's [V, d] float32 CPU matrix, finite, d a multiple of 8."""
-        V, d = weight.shape
-        w = weight.detach()
-        amax = w.abs().amax(1).clamp_(min=1e-30)                                        # [V]
-        self.scale = (amax * ((1 + 2.0 ** -7) / 127)).to(torch.bfloat16)               # [V] >= amax / 127
-        scale = self.scale.float()
-        self.q = torch.div(w, scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)   # [V, d]
-        # |w - q * scale| <= scale / 2 (plus float32 rounding of the division); |q * scale| rows <= |w| + that
-        self.half_step = float(scale.max()) / 2 * (1 + 2.0 ** -10)
-        row_norm = float((w.norm(dim=1) + scale * (d ** 0.5 / 2)).max())
-        self.norm_rel = row_norm * (2.0 ** -8 + 4 * d * 2.0 ** -24)   # x in bfloat16; float32 sums here and in full
-        self.probe = torch.linspace(-1.0, 1.0, d, dtype=w.dtype)
-        self.fingerprint = self._fingerprint(w)
-        self.key = self._key(w)
-
-    @staticmethod
-    def _key(weight: torch.Tensor) -> tuple:
-        return weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device
-
-    def _fingerprint(self, weight: torch.Tensor) -> torch.Tensor:
-        return linear(self.probe[None], weight)[0]                                       # [V]
-
-    def matches(self, weight: torch.Tensor) -> bool:
-        """Whether `weight` still holds the values the screen was built from (any in-place edit shows)."""
-        w = weight.detach()
-        return self._key(w) == self.key and torch.equal(self._fingerprint(w), self.fingerprint)
-
-    @staticmethod
-    def applies(weight: torch.Tensor) -> bool:
-        """float32 on CPU with d a multiple of 8 (what the int8 kernel handles; it reads out of bounds else)."""
-        return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.shape[1] % 8 == 0
-                and hasattr(torch, "_weight_int8pack_mm"))
-
-    def greedy(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x [B, d] float32 (lm_head's input), weight lm_head's [V, d] -> argmax_v (x @ weight.T) [B] long."""
-        B = x.shape[0]
-        a = torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.q, self.scale)   # [B, V] bf16
-        tops = a.amax(-1).tolist()
-        bounds = (self.half_step * x.abs().sum(-1) + self.norm_rel * x.norm(dim=-1)).tolist()   # [B]
-        thresholds = []
-        for top, c in zip(tops, bounds):
-            # logit_v lies within a_v +- (c + OUT_REL |a_v|); the largest is >= top - c - OUT_REL |top|
-            low = top - 2 * c - self.OUT_REL * abs(top)
-            t = low / (1 + math.copysign(self.OUT_REL, low))                    # a candidate has a_v >= t
-            thresholds.append(t - abs(t) * 2.0 ** -20 - 1e-30)                  # margin for t in float32
-        if not all(map(math.isfinite, thresholds)):
-            return greedy(linear(x, weight))
-        candidates = a >= torch.tensor(thresholds).view(B, 1)                    # [B, V], compared in float32
-        rows, cols = candidates.nonzero(as_tuple=True)                            # ascending per row
-        if cols.numel() > B * self.MAX_CANDIDATES:
-            return greedy(linear(x, weight))
-        if B == 1:
-            return cols[(weight.index_select(0, cols) @ x[0]).argmax()].view(1)
-        exact = torch.bmm(weight.index_select(0, cols)[:, None], x[rows][:, :, None]).view(-1)   # [n] logits
-        counts = torch.bincount(rows, minlength=B).tolist()
-        return torch.stack([c[e.argmax()] for c, e in zip(cols.split(counts), exact.split(counts))])
-
-
-def unembed_screen(model: "DbrxLM") -> UnembedScreen | None:
-    """The model's UnembedScreen for greedy decoding, built or rebuilt if lm_head changed; None where it does
-    not apply: `model.screen_greedy` False (or None and lm_head under MIN_ENTRIES entries), lm_head not
-    float32 on CPU or not finite."""
-    weight = model.lm_head.weight
-    wanted = model.screen_greedy
-    if wanted is None:
-        wanted = weight.numel() >= UnembedScreen.MIN_ENTRIES
-    screen = model.__dict__.pop("_unembed_screen", None)
-    if not (wanted and UnembedScreen.applies(weight)):
-        return None
-    if screen is None or not screen.matches(weight):
-        screen = None                                       # stale: free it before building another
-        if not bool(torch.isfinite(weight).all()):
-            return None
-        screen = UnembedScreen(weight)
-    model.__dict__["_unembed_screen"] = screen
-    return screen
-
-
 def prepare_prompt(model: "DbrxLM", prompt, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A tensor/list of ids, a string, a list of strings, or chat messages -> (ids [B, T], mask [B, T] | None)."""
     if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and
                                    (isinstance(prompt[0], (str, dict)))):
         tok = model.tokenizer
         if tok is None:
-            from .tokenizer import load_tokenizer
             tok = load_tokenizer()
         if isinstance(prompt, str):
             ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
@@ -228,8 +132,13 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0,
 
 
 @torch.no_grad()
-def _unembed(model: "DbrxLM", hidden: torch.Tensor) -> torch.Tensor:
-    return model.lm_head(hidden).float()                                                # [B, V]
+def _full_logits(model: "DbrxLM", hidden: torch.Tensor) -> torch.Tensor:
+    """lm_head's full product for a screened step, [B, V] float32: its linear kernel on the step's hidden state,
+    as an unscreened step computes it (no module call: reading Step.logits is not a model step)."""
+    head = model.lm_head
+    x = hidden[:, -1]
+    _, kernel = LINEAR.choose(head.impl, x, head.weight)
+    return kernel(x, head.weight).float()
 
 
 @torch.no_grad()
@@ -239,6 +148,8 @@ def stream(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, attention_mask=
            stop: Callable[[], bool] | None = None, process_last: bool = False) -> Iterator[Step]:
     """Yield one Step per new token until every row hit an eos id, max_new_tokens, or `stop()` is true.
 
+    Every step is one call of the model (`model(...)`, every submodule called as a module), so torch hooks,
+    nnsight, HookPoints and interventions see the prefill and each generated token.
     process_last: after the last Step, run its tokens through the model too (one more cached forward), so
     hooks see every generated token (generate_with_trace records the last token's routing this way).
     """
@@ -254,28 +165,27 @@ def stream(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, attention_mask=
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (in_vocab[0] if in_vocab else 0)
     if not 0 <= pad_token_id < cfg.vocab_size:
         raise ValueError(f"pad_token_id {pad_token_id} outside the vocabulary [0, {cfg.vocab_size - 1}]")
+    device = model.device
     generator = None
     if seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(int(seed))
+        generator = torch.Generator(device=device).manual_seed(int(seed))
     if max_new_tokens == 0:
         return
-    device = model.device
     ids = ids.to(device)
     eos = eos.to(device)
     mask = None if attention_mask is None else attention_mask.to(device).long()
+    if mask is not None and bool(mask.all()):
+        mask = None
     cache = model.new_cache(B, T + max_new_tokens)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    dispatched = model.dispatched()
-    screen = None if do_sample or dispatched or max_new_tokens < 2 else unembed_screen(model)   # used from token 2
-    logits = model(ids, mask, cache=cache, start=0, last_only=True).logits[:, -1].float()   # [B, V]
-    hidden = None           # instead of logits: lm_head's input [B, d] when the screen picks the token
+    screen = None if do_sample or max_new_tokens < 2 or model.dispatched() else screen_for(model.lm_head)
+    out = model(ids, mask, cache=cache, start=0, last_only=True)
+    logits = out.logits[:, -1].float()                                                  # [B, V]
     pos = T
     for i in range(max_new_tokens):
-        if hidden is None:
-            tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
-        else:
-            tokens = screen.greedy(hidden, model.lm_head.weight)
-            logits = functools.partial(_unembed, model, hidden)                    # computed if Step.logits is read
+        tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+        if i > 0 and screen is not None:
+            logits = functools.partial(_full_logits, model, out.hidden)           # computed if Step.logits is read
         tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
         finished = finished | torch.isin(tokens, eos)
         yield Step(i, pos, tokens, logits, finished.clone())
@@ -284,13 +194,9 @@ def stream(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, attention_mask=
             return
         if mask is not None:
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
-        if not model.decode_step_applies(dispatched):
-            hidden = None
-            logits = model(tokens[:, None], mask, cache=cache, start=pos, last_only=True).logits[:, -1].float()
-        elif screen is not None or done:                                            # done: only for the hooks
-            hidden = model.decode_step(tokens, cache, pos, mask, unembed=False)
-        else:
-            logits = model.decode_step(tokens, cache, pos, mask).float()
+        out = model(tokens[:, None], mask, cache=cache, start=pos, last_only=True, validate=False,
+                    greedy_screen=None if done else screen)
+        logits = out.logits[:, -1].float()
         if done:
             return
         pos += 1
@@ -316,8 +222,6 @@ def generate(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, streamer: Cal
 
 def generate_text(model: "DbrxLM", prompt, max_new_tokens: int = 50, **kwargs) -> str | list[str]:
     """Generated continuation(s) as text, without the prompt and the stop token."""
-    from .tokenizer import load_tokenizer
-
     tok = model.tokenizer or load_tokenizer()
     ids, kwargs["attention_mask"] = prepare_prompt(model, prompt, kwargs.get("attention_mask"))
     out = generate(model, ids, max_new_tokens, **kwargs)[:, ids.shape[1]:]

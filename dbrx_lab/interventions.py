@@ -3,8 +3,9 @@
     with model.intervene(ExpertAblation(layer=3, experts=[5, 11], mode="reroute"), TopK(2, layer="all")):
         out = model(ids)                      # also model.generate(...), run_with_trace, generate_with_trace
 
-Each intervention is appended to the `edits` list of the modules it touches (`blocks[i].ffn` for
-routing edits, `blocks[i].norm_attn_norm.attn` for head edits) and removed on exit, even on error.
+Each intervention is attached, in the calling thread (context) only, to the `edits` of the modules it
+touches (`blocks[i].ffn` for routing edits, `blocks[i].norm_attn_norm.attn` for head edits) and removed on
+exit, even on error.
 Edits apply in order (outer `intervene` blocks first, then argument order). The MoE calls, per layer:
 `edit_logits` -> `edit_top_k` -> `edit_experts` -> (weights re-gathered from the probabilities and
 p-norm renormalised) -> `edit_weights`, then sorts the chosen experts by weight; attention calls
@@ -25,13 +26,13 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence, Union
 import torch
 
 from .config import DbrxConfig
-from .hooks import ForwardContext
+from .hooks import ForwardContext, scoped
 
 if TYPE_CHECKING:
-    from .model import DbrxLM
+    from .lm import DbrxLM
 
 __all__ = ["Intervention", "ExpertAblation", "ExpertForce", "ExpertScale", "TopK", "HeadAblation",
-           "RoutingPatch", "attach_all"]
+           "RoutingPatch", "attach_all", "intervene", "active_interventions"]
 
 LayerSpec = Union[int, Sequence[int], str]
 IntSpec = Union[int, Sequence[int]]
@@ -516,26 +517,37 @@ def _flatten(interventions) -> list[Intervention]:
 
 @contextlib.contextmanager
 def attach_all(model: "DbrxLM", interventions: Iterable[Intervention]) -> Iterator[list[Intervention]]:
-    """Validate and attach interventions to `model`'s modules for the block; detach exactly them on exit."""
+    """Validate and attach interventions to `model`'s modules for the block, in the calling thread (context)
+    only; exactly they are detached on exit, even on error."""
     items = _flatten(interventions)
     cfg = model.config
-    attached: list[tuple[list, Intervention]] = []
-    try:
-        for iv in items:
-            iv.attach(cfg)
-        for iv in items:
-            for layer in iv.layers(cfg):
-                block = model.transformer.blocks[layer]
-                edits = block.ffn.edits if iv.site == "ffn" else block.norm_attn_norm.attn.edits
-                edits.append(iv)
-                attached.append((edits, iv))
+    for iv in items:
+        iv.attach(cfg)
+    pairs = []
+    for iv in items:
+        for layer in iv.layers(cfg):
+            block = model.transformer.blocks[layer]
+            pairs.append((block.ffn if iv.site == "ffn" else block.norm_attn_norm.attn, iv))
+    with scoped("edits", pairs):
         for i, block in enumerate(model.transformer.blocks):
             if block.ffn.edits:
-                _check_layer(block.ffn.edits, cfg, i)
+                _check_layer(list(block.ffn.edits), cfg, i)
         yield items
-    finally:
-        for edits, iv in reversed(attached):
-            for j in range(len(edits) - 1, -1, -1):
-                if edits[j] is iv:
-                    del edits[j]
-                    break
+
+
+@contextlib.contextmanager
+def intervene(model: "DbrxLM", *interventions: Intervention) -> Iterator["DbrxLM"]:
+    """Apply interventions inside the block (forward, traces, generate) in this thread (context); removed on
+    exit, even on error."""
+    with attach_all(model, interventions):
+        yield model
+
+
+def active_interventions(model: "DbrxLM") -> list[Intervention]:
+    """The interventions attached in the calling context, each once, in attachment order."""
+    seen: list = []
+    for block in model.transformer.blocks:
+        for edit in block.ffn.edits + block.norm_attn_norm.attn.edits:
+            if not any(edit is s for s in seen):
+                seen.append(edit)
+    return seen

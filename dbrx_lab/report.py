@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
+    from .loading import load_model
 
     model = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map, seed=args.seed)
     prompt: Any = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
@@ -144,7 +144,7 @@ def _model_name(model) -> str:
 
 
 def _header(model, trace, model_name: str | None) -> str:
-    from . import __version__
+    from .version import __version__
 
     cfg = model.config
     n_prompt = int(trace.attention_mask[0, :trace.prompt_length].sum())

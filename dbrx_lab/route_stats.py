@@ -240,7 +240,9 @@ def _route_batch(model, tok, items: list[TextItem], rows: list[list[int]],
         mask[b, T - len(r):] = True
     final = {}
     last = f"blocks.{model.config.n_layers - 1}.hook_resid_post"
-    with model.hooks([(last, lambda x, hook: final.update(x=x))] if predictions else []):
+    # with last_only the hook sees tokens :-1 (a side pass of the last block), then the last one
+    keep = lambda x, hook: final.update(x=torch.cat([final["x"], x], 1) if "x" in final else x)  # noqa: E731
+    with model.hooks([(last, keep)] if predictions else []):
         _, trace = run_with_trace(model, ids, None if bool(mask.all()) else mask.long(),
                                   record=Record(router=True), last_only=True)
     predicted = torch.full((int(mask.sum()),), -1, dtype=torch.long)
@@ -300,7 +302,7 @@ def route_stats(model, data: str | os.PathLike, out: str | os.PathLike, batch_si
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     model_name = model if isinstance(model, (str, os.PathLike)) else None
     if model_name is not None:
-        from .checkpoint import load_model
+        from .loading import load_model
 
         model = load_model(model_name)
     cfg = model.config

@@ -22,20 +22,24 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
+from .generation import prepare_prompt, stream
+from .hooks import scoped
+from .model import attention_pattern
+from .tokenizer import VOCAB_SIZE, load_tokenizer
+from .version import __version__
+
 if TYPE_CHECKING:
     import pandas as pd
 
     from .config import DbrxConfig
-    from .model import DbrxLM, DbrxOutput
+    from .lm import DbrxLM
+    from .model import DbrxOutput
 
 __all__ = ["Record", "Trace", "AttentionBudgetError", "run_with_trace", "generate_with_trace", "FORMAT_VERSION"]
 
 FORMAT_NAME = "dbrx_lab.trace"
 FORMAT_VERSION = 1
 
-_FFN_TOKEN_HOOKS = ("hook_router_logits", "hook_topk_experts", "hook_topk_weights", "hook_expert_out",
-                    "hook_expert_hidden_norm")           # [N, ...] with N = B*T
-_HEAD_FIRST_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_scores", "hook_pattern")   # [B, heads, T, ...]
 _KEY_DIM_FILL = {"hook_scores": float("-inf"), "hook_pattern": 0.0}                 # last dim: keys
 
 
@@ -148,17 +152,27 @@ class Record:
         if self.query_positions is not None and seq_len is not None:
             _check_range("Record.query_positions: positions", self.query_positions, seq_len)
 
-    def estimate_attention_bytes(self, config: "DbrxConfig", batch: int, seq_len: int) -> int:
-        """Bytes of attention patterns this Record would hold: layers x batch x heads x queries x seq_len x itemsize."""
+    def estimate_attention_bytes(self, config: "DbrxConfig", batch: int, seq_len: int, pattern_hooks: int = 0) -> int:
+        """Bytes of attention patterns this Record would hold: layers x batch x heads x queries x seq_len x itemsize,
+        plus, for each scores/pattern hook in `hooks` (`pattern_hooks` of them), batch x all heads x seq_len^2
+        in the Record's dtype and the float32 [B, H, T, S] scores the model builds for such a hook."""
         n_layers = len(self.attention_layers(config))
         heads = config.n_heads if self.heads is None else len(self.heads)
         queries = seq_len if self.query_positions is None else len(self.query_positions)
-        return n_layers * batch * heads * queries * seq_len * self.dtype.itemsize
+        hooked = pattern_hooks * batch * config.n_heads * seq_len * seq_len * self.dtype.itemsize
+        scores = batch * config.n_heads * seq_len * seq_len * 4 if pattern_hooks else 0
+        return n_layers * batch * heads * queries * seq_len * self.dtype.itemsize + hooked + scores
 
-    def check_budget(self, config: "DbrxConfig", batch: int, seq_len: int) -> int:
+    def check_budget(self, config: "DbrxConfig", batch: int, seq_len: int, pattern_hooks: int = 0) -> int:
         """The estimate, or AttentionBudgetError with the estimate and how to narrow the capture."""
-        need = self.estimate_attention_bytes(config, batch, seq_len)
+        need = self.estimate_attention_bytes(config, batch, seq_len, pattern_hooks)
         if need > self.max_attention_bytes:
+            if pattern_hooks:
+                raise AttentionBudgetError(
+                    f"recording would hold ~{_format_bytes(need)} of attention, including {pattern_hooks} scores/"
+                    f"pattern hook(s) in Record.hooks (each batch {batch} x {config.n_heads} heads x {seq_len}^2), "
+                    f"over max_attention_bytes={_format_bytes(self.max_attention_bytes)}. Record patterns with "
+                    f"attention=[...], heads=[...], query_positions=[...] instead, or raise max_attention_bytes.")
             n_layers = len(self.attention_layers(config))
             heads = config.n_heads if self.heads is None else len(self.heads)
             queries = seq_len if self.query_positions is None else len(self.query_positions)
@@ -496,45 +510,51 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _version_stamp() -> dict[str, str]:
-    from . import __version__
-
     return {"dbrx_lab_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 # ------------------------------------------------------------------------------------------------
 class Recorder:
-    """Hook functions that copy what a Record asks for into CPU buffers with `total_len` position columns.
+    """Hook functions and attention captures that copy what a Record asks for into CPU buffers with
+    `total_len` position columns.
 
-    Each hook maps its tensor to [B, t, ...] and writes it at the columns of the current call
-    (`ctx.positions`; a tensor covering fewer positions than the call, like hook_final with last_only,
-    covers the last ones). Decode steps therefore fill one column each.
+    Every hook point is laid out [B, t, ...] (scores and pattern [B, H, t, S]) and covers the columns of the
+    current call (`ctx.columns`), so decode steps fill one column each. Tensors on an accelerator are copied
+    into pinned host memory without waiting (non_blocking); the copies are waited for once, when the buffers
+    are read (`trace_fields`, `stacked`). Attention patterns are computed by captures beside the model's own
+    attention, for the recorded heads and query rows only, in chunks that keep the temporaries within the
+    Record's `max_attention_bytes`.
     """
 
     def __init__(self, model: "DbrxLM", record: Record, batch: int, total_len: int) -> None:
         cfg = model.config
         record.validate(cfg, total_len)
-        record.check_budget(cfg, batch, total_len)
         self.model, self.record, self.B, self.total = model, record, batch, total_len
         self.L = cfg.n_layers
         self.dtype = record.dtype
         self.per_layer: dict[str, list[torch.Tensor | None]] = {}   # field -> per layer [B, total, ...]
         self.pending: dict[str, list[list]] = {}                    # field -> per layer [(column, [B, t, ...])]
         self.activations: dict[str, torch.Tensor] = {}              # hook name -> [B, total, ...]
+        self.pending_activations: dict[str, list] = {}              # hook name -> [(columns, [B, t, ...])]
         self.attn_layers = record.attention_layers(cfg)
         self.heads = list(range(cfg.n_heads)) if record.heads is None else list(record.heads)
         self.queries = record.query_positions
         self.query_row = None if self.queries is None else {p: i for i, p in enumerate(self.queries)}
         n_q = total_len if self.queries is None else len(self.queries)
-        self.attention = {l: torch.zeros(batch, len(self.heads), n_q, total_len, dtype=self.dtype)
-                          for l in self.attn_layers}
+        self.attn_shape = (batch, len(self.heads), n_q, total_len)
+        self.attention: dict[int, torch.Tensor] = {}
+        self.pending_attention: dict[int, list] = {l: [] for l in self.attn_layers}   # [(rows, [B, h, r, S])]
         self.activation_names: list[str] = []
         for layer in record.residual_layers(cfg):
             self.activation_names += [f"blocks.{layer}.hook_resid_{w}" for w in ("pre", "mid", "post")]
         for selector in record.hooks:
             self.activation_names += model.resolve_hook_names(selector)
         self.activation_names = list(dict.fromkeys(self.activation_names))
-        self.call_stop = 0                                          # columns [stop - T, stop) in this call
+        pattern_hooks = sum(n.rsplit(".", 1)[-1] in _KEY_DIM_FILL for n in self.activation_names)
+        record.check_budget(cfg, batch, total_len, pattern_hooks=pattern_hooks)
+        self.calls: list = []                                       # the ForwardContext of each recorded call
+        self.device_copies = False
         self.active = True
 
     @contextlib.contextmanager
@@ -546,10 +566,17 @@ class Recorder:
         finally:
             self.active = True
 
+    @contextlib.contextmanager
+    def attached(self):
+        """Attach the recorder's hooks and captures to the model in this thread (context) for the block."""
+        captures = [(self.model.transformer.blocks[l].norm_attn_norm.attn, self._capture) for l in self.attn_layers]
+        with self.model.hooks(self.hooks()), scoped("captures", captures):
+            yield self
+
     # --- hook functions --------------------------------------------------------------------------
     def hooks(self) -> list[tuple[str, Callable]]:
         """(name, fn) pairs for model.hooks(); each fn is a no-op while paused."""
-        hooks: list[tuple[str, Callable]] = [("hook_embed", self._on_embed)]
+        hooks: list[tuple[str, Callable]] = [("hook_final", self._on_final)]
         for i in range(self.L):
             f = f"blocks.{i}.ffn."
             if self.record.router:
@@ -559,7 +586,6 @@ class Recorder:
             if self.record.experts:
                 hooks += [(f + "hook_expert_out", self._layer_writer("expert_output_norm", self.dtype, norm=True)),
                           (f + "hook_expert_hidden_norm", self._layer_writer("expert_hidden_norm", self.dtype))]
-        hooks += [(f"blocks.{l}.attn.hook_pattern", self._on_pattern) for l in self.attn_layers]
         hooks += [(name, self._on_activation) for name in self.activation_names]
         return [(name, self._when_active(fn)) for name, fn in hooks]
 
@@ -571,24 +597,40 @@ class Recorder:
         hook.__name__ = getattr(fn, "__name__", "record")
         return hook
 
-    def _on_embed(self, x: torch.Tensor, hook) -> None:
-        self.call_stop = int(hook.ctx.positions[0, -1]) + 1
+    def _host(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A CPU copy of x in dtype; from an accelerator into pinned memory, without waiting for it."""
+        x = x.detach()
+        if x.device.type == "cpu":
+            return x.to(dtype, copy=True)                              # hooks after this one may edit x
+        out = torch.empty(x.shape, dtype=dtype, pin_memory=torch.cuda.is_available())
+        out.copy_(x.to(dtype), non_blocking=True)
+        self.device_copies = True
+        return out
 
-    def _columns(self, t: int) -> slice:
-        return slice(self.call_stop - t, self.call_stop)
+    def _wait(self) -> None:
+        if self.device_copies and torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.device_copies = False
+
+    @staticmethod
+    def _columns(ctx, t: int) -> range:
+        """The columns of a tensor with t positions in the current call: the last t of ctx.columns."""
+        return ctx.columns[len(ctx.columns) - t:]
+
+    def _on_final(self, x: torch.Tensor, hook) -> None:
+        self.calls.append(hook.ctx)                 # its kernels are read at the end (lm_head runs after this)
 
     def _layer_writer(self, field_name: str, dtype: torch.dtype, norm: bool = False) -> Callable:
-        """A hook that copies its tensor now and writes it into the layer's buffer at the next `_flush` (so
-        the decode steps' columns go in with one copy per layer, not one per step)."""
+        """A hook that copies its tensor [B, t, ...] now and writes it into the layer's buffer at the next
+        `_flush` (so the decode steps' columns go in with one copy per layer, not one per step)."""
         self.per_layer.setdefault(field_name, [None] * self.L)
         pending = self.pending.setdefault(field_name, [[] for _ in range(self.L)])
 
-        def write(x: torch.Tensor, hook) -> None:                  # x [N, k(, d)] or [N, E]
+        def write(x: torch.Tensor, hook) -> None:                  # x [B, t, k(, d)] or [B, t, E]
             if norm:
                 x = torch.linalg.vector_norm(x, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
-            x = x.detach().to("cpu", dtype if x.is_floating_point() else x.dtype, copy=True)   # hooks may edit x
-            x = x.reshape(self.B, -1, *x.shape[1:])                                 # [B, t, ...]
-            pending[hook.layer].append((self._columns(x.shape[1]).start, x))
+            x = self._host(x, dtype if x.is_floating_point() else x.dtype)
+            pending[hook.layer].append((self._columns(hook.ctx, x.shape[1]).start, x))
 
         write.__name__ = f"record_{field_name}"
         return write
@@ -596,12 +638,14 @@ class Recorder:
     def _flush(self, field_name: str) -> None:
         """Write a field's pending tensors into its per-layer buffers [B, total, ...]; runs of adjacent
         columns are concatenated first."""
+        self._wait()
         store = self.per_layer[field_name]
         for layer, pending in enumerate(self.pending[field_name]):
             if not pending:
                 continue
             if store[layer] is None:
                 store[layer] = torch.zeros(self.B, self.total, *pending[0][1].shape[2:], dtype=pending[0][1].dtype)
+            pending.sort(key=lambda item: item[0])
             run: list[torch.Tensor] = []
             for i, (col, x) in enumerate(pending):
                 run.append(x)
@@ -612,34 +656,58 @@ class Recorder:
                     run = []
             pending.clear()
 
-    def _on_pattern(self, x: torch.Tensor, hook) -> None:          # x [B, H, t, S]
-        if self.record.heads is not None:
-            x = x[:, self.heads]
-        cols = self._columns(x.shape[2])
-        buf, S = self.attention[hook.layer], x.shape[-1]
-        if self.query_row is None:
-            buf[:, :, cols, :S] = x.detach().to("cpu", self.dtype)
+    def _capture(self, attn, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Attention capture (called by Attention beside its kernel): q [B, H, t, D], k [B, K, S, D] -> the
+        recorded heads' pattern at the recorded query rows of this call, in chunks of rows."""
+        if not self.active:
             return
-        hits = [(p - cols.start, row) for p, row in self.query_row.items() if cols.start <= p < cols.stop]
-        if hits:
-            local, rows = zip(*hits)
-            buf[:, :, list(rows), :S] = x[:, :, list(local)].detach().to("cpu", self.dtype)
+        ctx = attn.hook_z.ctx
+        cols = self._columns(ctx, q.shape[2])
+        if self.query_row is None:
+            local, dest = list(range(len(cols))), list(cols)
+        else:
+            hits = [(i, self.query_row[c]) for i, c in enumerate(cols) if c in self.query_row]
+            if not hits:
+                return
+            local, dest = (list(x) for x in zip(*hits))
+        S = k.shape[2]
+        per_row = self.B * len(self.heads) * S * 4 * 3                 # float32 scores, softmax, a copy
+        step = max(1, int(self.record.max_attention_bytes // per_row))
+        layer = attn.hook_z.layer
+        for i in range(0, len(local), step):
+            p = attention_pattern(q, k, mask, self.heads, local[i:i + step])          # [B, h, r, S] float32
+            self.pending_attention[layer].append((dest[i:i + step], self._host(p, self.dtype)))
 
     def _on_activation(self, x: torch.Tensor, hook) -> None:
         kind = hook.name.rsplit(".", 1)[-1]
-        if kind in _FFN_TOKEN_HOOKS:
-            x = x.reshape(self.B, -1, *x.shape[1:])
-        elif kind in _HEAD_FIRST_HOOKS:
-            x = x.transpose(1, 2)                                                   # [B, t, heads, ...]
-        x = x.detach().to("cpu", self.dtype if x.is_floating_point() else x.dtype)
-        buf = self.activations.get(hook.name)
-        if buf is None:
-            rest = list(x.shape[2:])
-            if kind in _KEY_DIM_FILL:
-                rest[-1] = self.total
-            buf = torch.full((self.B, self.total, *rest), _KEY_DIM_FILL.get(kind, 0), dtype=x.dtype)
-            self.activations[hook.name] = buf
-        buf[:, self._columns(x.shape[1]), ..., :x.shape[-1]] = x
+        if kind in _KEY_DIM_FILL:
+            x = x.transpose(1, 2)                                                   # [B, t, heads, S]
+        x = self._host(x, self.dtype if x.is_floating_point() else x.dtype)
+        self.pending_activations.setdefault(hook.name, []).append((self._columns(hook.ctx, x.shape[1]), x))
+
+    def _flush_all(self) -> None:
+        self._wait()
+        for name in self.per_layer:
+            self._flush(name)
+        for layer, pending in self.pending_attention.items():
+            if layer not in self.attention:
+                self.attention[layer] = torch.zeros(self.attn_shape, dtype=self.dtype)
+            buf = self.attention[layer]
+            for rows, p in pending:
+                buf[:, :, rows, :p.shape[-1]] = p
+            pending.clear()
+        for name, pending in self.pending_activations.items():
+            kind = name.rsplit(".", 1)[-1]
+            for cols, x in pending:
+                buf = self.activations.get(name)
+                if buf is None:
+                    rest = list(x.shape[2:])
+                    if kind in _KEY_DIM_FILL:
+                        rest[-1] = self.total
+                    buf = torch.full((self.B, self.total, *rest), _KEY_DIM_FILL.get(kind, 0), dtype=x.dtype)
+                    self.activations[name] = buf
+                buf[:, cols.start:cols.stop, ..., :x.shape[-1]] = x
+            pending.clear()
 
     # --- result ----------------------------------------------------------------------------------
     def stacked(self, name: str, columns: slice | int) -> torch.Tensor:
@@ -659,12 +727,29 @@ class Recorder:
             parts = [torch.nn.functional.pad(p, (0, k - p.shape[-1]), value=fill) for p in parts]
         return torch.stack(parts)
 
+    def kernel_names(self) -> dict[str, list[str]]:
+        """{kind: per layer the kernel(s) that ran, joined by '+'} ("unembed": one entry)."""
+        kernels: dict[str, dict] = {}                               # kind -> {layer: {names}}
+        for ctx in self.calls:
+            for (kind, layer), name in ctx.kernels.items():
+                kernels.setdefault(kind, {}).setdefault(layer, set()).add(name)
+        out: dict[str, list[str]] = {}
+        for kind, per in kernels.items():
+            layers = sorted(per, key=lambda l: -1 if l is None else l)
+            out[kind] = ["+".join(sorted(per[l])) for l in layers]
+        return out
+
     def trace_fields(self, length: int) -> dict[str, Any]:
         """Trace fields for the first `length` columns (layers stacked; a smaller top-k padded with -1 / 0)."""
+        self._flush_all()
         out: dict[str, Any] = {name: self.stacked(name, slice(0, length)) for name in self.per_layer}
         keep_q = None if self.queries is None else [i for i, p in enumerate(self.queries) if p < length]
-        out["attention"] = {l: a[:, :, :length, :length] if keep_q is None else a[:, :, keep_q, :length]
-                            for l, a in self.attention.items()}
+        out["attention"] = {}
+        for l in self.attn_layers:
+            a = self.attention.get(l)
+            if a is None:
+                a = torch.zeros(self.attn_shape, dtype=self.dtype)
+            out["attention"][l] = a[:, :, :length, :length] if keep_q is None else a[:, :, keep_q, :length]
         out["attention_heads"] = {l: list(self.heads) for l in self.attn_layers}
         out["attention_query_positions"] = None if keep_q is None else [self.queries[i] for i in keep_q]
         out["activations"] = {}
@@ -678,8 +763,6 @@ class Recorder:
 
 def _token_strings(model: "DbrxLM", ids: torch.Tensor) -> list[list[str]]:
     """Per row, a readable string per token: the model's tokenizer, DBRX's for the real vocab, else str(id)."""
-    from .tokenizer import VOCAB_SIZE, load_tokenizer
-
     tok = model.tokenizer
     if tok is None and model.config.vocab_size == VOCAB_SIZE:
         tok = load_tokenizer()
@@ -702,18 +785,16 @@ def run_with_trace(model: "DbrxLM", input_ids, attention_mask=None, record: Reco
 
     input_ids: ids [B, T], a string, a list of strings (left padded) or chat messages.
     """
-    from .generation import prepare_prompt
-
     record = Record() if record is None else record
     ids, mask = prepare_prompt(model, input_ids, attention_mask)
     B, T = ids.shape
     recorder = Recorder(model, record, B, T)
-    with model.hooks(recorder.hooks()):
+    with recorder.attached():
         out = model(ids, mask, **forward_kwargs)
     ids = ids.cpu()
     mask = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.cpu().bool()
     trace = Trace(input_ids=ids, attention_mask=mask, tokens=_token_strings(model, ids), prompt_length=T,
-                  metadata=_metadata(model, record, "forward"), **recorder.trace_fields(T))
+                  metadata=_metadata(model, record, "forward", kernels=recorder.kernel_names()), **recorder.trace_fields(T))
     return out, trace
 
 
@@ -737,8 +818,6 @@ def generate_with_trace(model: "DbrxLM", prompt, max_new_tokens: int = 50, recor
     "topk_experts": [L, B, k] long, "topk_weights": [L, B, k] float32, "router_logits": [L, B, E] float32}
     for that token (routing keys only with record.router). Forwards run inside on_step are not recorded.
     """
-    from .generation import prepare_prompt, stream
-
     record = Record() if record is None else record
     ids, mask = prepare_prompt(model, prompt, generate_kwargs.get("attention_mask"))
     generate_kwargs["attention_mask"] = mask
@@ -755,7 +834,7 @@ def generate_with_trace(model: "DbrxLM", prompt, max_new_tokens: int = 50, recor
         return {"position": pos, **{n: recorder.stacked(n, pos) for n in names}}      # [L, B, ...]
 
     steps = []                                  # stream yields >= 1 step; process_last runs the last token
-    with model.hooks(recorder.hooks()):
+    with recorder.attached():
         for step in stream(model, ids, max_new_tokens, process_last=True, **generate_kwargs):
             if steps and on_step is not None:
                 with recorder.paused():
@@ -771,7 +850,7 @@ def generate_with_trace(model: "DbrxLM", prompt, max_new_tokens: int = 50, recor
     trace_mask = torch.cat([prompt_mask, ~torch.stack(finished_before, dim=1)], dim=1)
     settings = {k: v for k, v in generate_kwargs.items() if k not in ("attention_mask", "stop")}
     trace = Trace(input_ids=out_ids, attention_mask=trace_mask, tokens=_token_strings(model, out_ids),
-                  prompt_length=T, metadata=_metadata(model, record, "generate", generation={
+                  prompt_length=T, metadata=_metadata(model, record, "generate", kernels=recorder.kernel_names(), generation={
                       "max_new_tokens": max_new_tokens, "generated": n, **settings}),
                   **recorder.trace_fields(T + n))
     return out_ids, trace

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .config import DbrxConfig
-from .model import DbrxLM
+from .lm import DbrxLM
 
 __all__ = ["load_balancing_loss", "router_z_loss", "TrainConfig", "DEMO_CONFIG", "VocabShortlist", "train",
            "export_demo", "write_model_card", "add_arguments", "run"]
@@ -656,7 +656,7 @@ def write_model_card(folder: str | Path, corpus=None, tcfg: TrainConfig | None =
     """
     import platform
 
-    from .checkpoint import load_model
+    from .loading import load_model
     from .demo_data import build_corpus
 
     folder = Path(folder)

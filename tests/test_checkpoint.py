@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dbrx_lab.checkpoint as checkpoint
+import dbrx_lab.loading as loading
 from dbrx_lab import PRESETS, DbrxLM, load_model, save_pretrained
 from dbrx_lab.checkpoint import parse_size
 
@@ -299,7 +300,7 @@ def test_presets_are_seeded_random_models():
 
 
 def test_demo():
-    if (checkpoint.DEMO_DIR / "config.json").is_file():
+    if (loading.DEMO_DIR / "config.json").is_file():
         model = load_model("demo")
         assert model.tokenizer is not None and not model.training
     else:
@@ -313,11 +314,19 @@ def block_bytes(model) -> tuple[int, int]:
     return top, sum(p.numel() * 4 for p in model.blocks[0].parameters())
 
 
+def reserve(model, max_seq_len=None, batch=1) -> int:
+    """What an automatic map keeps free on the CPU (the main device without GPUs): temporaries and the KV
+    cache of every block."""
+    kv, temporaries = loading.runtime_bytes(model.config, torch.float32, batch, max_seq_len)
+    return temporaries + model.config.n_layers * kv
+
+
 def test_auto_device_map_with_disk_offload(block4_checkpoint, tmp_path, make_ids):
     model, folder = block4_checkpoint
     top, block = block_bytes(model)
-    dispatched = load_model(folder, device_map="auto", max_memory={"cpu": top + 3 * block},
+    dispatched = load_model(folder, device_map="auto", max_memory={"cpu": top + 3 * block + reserve(model)},
                             offload_folder=tmp_path / "offload")
+    assert dispatched.execution_device == torch.device("cpu")
     where = dispatched.hf_device_map
     assert {where[f"transformer.blocks.{i}"] for i in range(4)} == {"cpu", "disk"}     # both, blocks whole
     assert where["transformer.wte"] == where["lm_head"] == "cpu"
@@ -333,7 +342,7 @@ def test_disk_offload_decodes_one_sequence_alike_with_two_threads(block4_checkpo
                                                                    two_threads):
     model, folder = block4_checkpoint
     top, block = block_bytes(model)
-    dispatched = load_model(folder, device_map="auto", max_memory={"cpu": top + 2 * block},
+    dispatched = load_model(folder, device_map="auto", max_memory={"cpu": top + 2 * block + reserve(model)},
                             offload_folder=tmp_path / "offload")
     ids = make_ids(1, 7, seed=4)                                   # one row: the one-token expert path
     assert torch.equal(dispatched.generate(ids, max_new_tokens=6), model.generate(ids, max_new_tokens=6))
@@ -394,3 +403,95 @@ def test_bad_device_maps(block4_checkpoint):
         load_model(folder, device_map={"": "cpu", "transformer.blocks.1.ffn": "disk"})
     with pytest.raises(ValueError, match="'decoder', which is not a module"):
         load_model(folder, device_map={"": "cpu", "decoder": "cpu"})
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_device_map_reads_only_the_validated_safetensors(tiny_model, tmp_path, make_ids, monkeypatch, sharded):
+    """A pytorch_model.bin (other weights) beside the safetensors is never unpickled (accelerate, given the
+    folder, would prefer it)."""
+    folder = save_pretrained(tiny_model, tmp_path / "ckpt", max_shard_size="200KB" if sharded else "5GB")
+    decoy = {k: torch.zeros_like(v) for k, v in tiny_model.state_dict().items()}
+    torch.save(decoy, folder / "pytorch_model.bin")
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(decoy,
+                                                                                          "pytorch_model.bin")}))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail(f"a pickle file was read: {a}"))
+    device_map = "auto" if sharded else {"": "cpu", "transformer.blocks.1": "disk"}
+    dispatched = load_model(folder, device_map=device_map, offload_folder=tmp_path / "offload")
+    ids = make_ids(2, 7)
+    with torch.no_grad():
+        assert torch.equal(dispatched(ids).logits, tiny_model(ids).logits)
+
+
+def test_main_device_is_the_first_gpu_in_module_order():
+    assert loading.main_device({"transformer.wte": "cpu", "transformer.blocks.0": 1, "transformer.blocks.1": 0,
+                                "lm_head": "disk"}) == 1
+    assert loading.main_device({"transformer.wte": "cpu", "transformer.blocks.0": "disk"}) == "cpu"
+    assert loading.main_device({"": torch.device("cpu")}) == "cpu"
+
+
+def test_runtime_bytes_formula_and_arguments():
+    cfg = PRESETS["dbrx-instruct"]
+    kv, temporaries = loading.runtime_bytes(cfg, torch.bfloat16)            # 1 x 4096 tokens by default
+    assert kv == 2 * 4096 * 8 * 128 * 2                                      # 16 MiB per block
+    N = 4096
+    assert temporaries == (N * (4 * 6144 + 2 * (48 + 16) * 128) * 2 + N * 4 * (3 * 10752 + 6144) * 2
+                           + N * 16 * 4 + 100352 * 4)
+    assert loading.runtime_bytes(cfg, torch.bfloat16, 2, 1024) == (kv // 2, loading.runtime_bytes(
+        cfg, torch.bfloat16, 1, 2048)[1] + 100352 * 4)
+    tiny = PRESETS["tiny"]
+    assert loading.runtime_bytes(tiny, torch.float32) == loading.runtime_bytes(tiny, torch.float32, 1, 256)
+    for bad in (dict(max_seq_len=257), dict(max_seq_len=0), dict(max_batch_size=0), dict(max_batch_size=1.5)):
+        with pytest.raises(ValueError, match="max_seq_len must be|max_batch_size must be"):
+            loading.runtime_bytes(tiny, torch.float32, **{"max_batch_size": 1, **bad})
+
+
+def test_auto_map_keeps_room_for_the_run_on_the_cpu(block4_checkpoint, tmp_path):
+    """Without GPUs the CPU runs every block: a longer (or wider) run leaves room for fewer blocks there."""
+    model, folder = block4_checkpoint
+    top, block = block_bytes(model)
+    budget = {"cpu": top + 3 * block + reserve(model, max_seq_len=16)}
+    with torch.device("meta"):
+        empty = DbrxLM(model.config)
+
+    def blocks_on_cpu(**kwargs) -> int:
+        where = loading._blockwise(empty, loading.auto_device_map(empty, "sequential", max_memory=budget, **kwargs))
+        return sum(where[f"transformer.blocks.{i}"] == "cpu" for i in range(4))
+
+    short = blocks_on_cpu(max_seq_len=16)
+    assert short >= 1
+    assert blocks_on_cpu(max_seq_len=256) < short
+    assert blocks_on_cpu(max_seq_len=16, max_batch_size=16) < short
+    dispatched = load_model(folder, device_map="sequential", max_memory=budget, offload_folder=tmp_path / "off",
+                            max_seq_len=16)
+    assert sum(dispatched.hf_device_map[f"transformer.blocks.{i}"] == "cpu" for i in range(4)) == short
+    assert dispatched.execution_device == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"max_seq_len must be an integer in \[1, 256\]"):
+        load_model(folder, device_map="auto", max_seq_len=1000)
+
+
+@pytest.mark.parametrize("strategy", ["sequential", "auto"])
+def test_auto_map_reserves_kv_and_temporaries_on_each_gpu(widen, strategy):
+    """Planning only (a meta model; the GPUs need not exist): each GPU keeps room for the temporaries and the
+    KV cache of the blocks it executes (the first GPU also runs those on cpu / disk), and a longer run puts
+    fewer blocks on the first GPU."""
+    cfg = dataclasses.replace(PRESETS["tiny"], n_layers=8)
+    with torch.device("meta"):
+        model = DbrxLM(cfg)
+    top, block = block_bytes(model)
+    memory = {0: top + 4 * block, 1: 3 * block, "cpu": 100 * block}
+
+    def plan(max_seq_len: int) -> dict:
+        device_map = loading._blockwise(model, loading.auto_device_map(model, strategy, max_memory=memory,
+                                                                       max_seq_len=max_seq_len))
+        kv, temporaries = loading.runtime_bytes(cfg, torch.float32, 1, max_seq_len)
+        blocks = [device_map[f"transformer.blocks.{i}"] for i in range(8)]
+        for gpu in (0, 1):
+            weights = sum(block if ".blocks." in name else
+                          sum(p.numel() * 4 for p in model.get_submodule(name).parameters())
+                          for name, dev in device_map.items() if dev == gpu)
+            runs = sum(b == gpu or (gpu == 0 and b in ("cpu", "disk")) for b in blocks)
+            assert weights + temporaries + runs * kv <= memory[gpu], (gpu, device_map)
+        return blocks
+
+    short, long = plan(8), plan(256)
+    assert short.count(0) > long.count(0) >= 1

@@ -20,71 +20,102 @@ def test_greedy_equals_hf(hf_pair, make_ids):
 
 @pytest.mark.parametrize("variant", [{}, {"clip_qkv": None, "kv_n_heads": 4, "moe_top_k": 3}])
 @pytest.mark.parametrize("padded", [False, True])
-def test_decode_step_equals_a_cached_forward(tiny_cfg, widen, make_ids, variant, padded, two_threads):
-    """decode_step (generation's inner loop) computes what forward(last_only) computes, cache included."""
+def test_generation_steps_are_cached_forwards(tiny_cfg, widen, make_ids, variant, padded, two_threads):
+    """Generation's inner loop is a plain cached `model(tok[:, None], cache=..., start=pos, last_only=True)`:
+    the steps' logits equal such a manual loop bit for bit, and equal an uncached forward over the whole
+    sequence; the manual loop's cache equals the one a single prefill of all tokens fills."""
     model = widen(DbrxLM(dataclasses.replace(tiny_cfg, **variant))).eval()
     ids = make_ids(2, 6)
     mask = torch.ones(2, 9, dtype=torch.long)
     if padded:
         mask[0, :2] = 0
-    caches = [model.new_cache(2, 9), model.new_cache(2, 9)]
+    steps = list(model.stream(ids, 4, attention_mask=mask[:, :6], eos_token_id=[]))
+    new = torch.stack([s.tokens for s in steps], dim=1)                              # [2, 4]
+    full_ids = torch.cat([ids, new[:, :3]], dim=1)                                   # [2, 9]
+    cache, prefilled = model.new_cache(2, 9), model.new_cache(2, 9)
     with torch.no_grad():
-        for c in caches:
-            model(ids, mask[:, :6], cache=c, last_only=True)
-        for pos, tok in zip(range(6, 9), make_ids(3, 2, seed=5)):
-            ref = model(tok[:, None], mask[:, :pos + 1], cache=caches[0], start=pos, last_only=True).logits[:, -1]
-            out = model.decode_step(tok, caches[1], pos, mask[:, :pos + 1])
-            torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
-    for a, b in zip(*caches):
-        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+        manual = [model(ids, mask[:, :6], cache=cache, last_only=True).logits[:, -1]]
+        for pos, tok in zip(range(6, 9), new.T):
+            manual.append(model(tok[:, None], mask[:, :pos + 1], cache=cache, start=pos, last_only=True).logits[:, -1])
+        full = model(full_ids, mask).logits                                          # [2, 9, V]
+        model(full_ids, mask, cache=prefilled)
+    for i, (step, ref) in enumerate(zip(steps, manual)):
+        assert torch.equal(step.logits, ref.float()), i                              # the same calls
+        torch.testing.assert_close(ref, full[:, 5 + i], atol=1e-4, rtol=1e-4)        # = an uncached forward
+    assert torch.equal(new, torch.stack([m.argmax(-1) for m in manual], dim=1))
+    for a, b in zip(cache, prefilled):
+        torch.testing.assert_close(a.k, b.k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.v, b.v, atol=1e-5, rtol=1e-5)
 
 
-def test_decode_step_calls_every_hook_point_as_forward_does(tiny_model, make_ids, two_threads):
+def test_generation_steps_call_every_hook_point_as_forward_does(tiny_model, make_ids, two_threads):
     """Hooks on all points (patterns and per-expert outputs included) see the same names, shapes and values in
-    decode_step as in forward, and a hook that replaces a value changes the logits alike."""
-    ids, tok = make_ids(1, 5), make_ids(1, 1, seed=3)[0]
-    caches = [tiny_model.new_cache(1, 6), tiny_model.new_cache(1, 6)]
+    a generation step as in a manual cached forward, and a hook that replaces a value changes the logits
+    alike (in the prefill too: the generated token depends on it)."""
+    ids = make_ids(1, 5)
     runs = []
     with torch.no_grad():
-        for c in caches:
-            tiny_model(ids, cache=c)
-        for run in (lambda: tiny_model(tok[:, None], cache=caches[0], start=5, last_only=True).logits[:, -1],
-                    lambda: tiny_model.decode_step(tok, caches[1], 5)):
+        for generated in (False, True):
             seen = []
             hooks = [("*", lambda t, h: seen.append((h.name, t.clone(), h.ctx.positions.tolist(), h.ctx.is_prefill))),
                      ("blocks.0.hook_ffn_out", lambda t, h: t * 0.5)]
             with tiny_model.hooks(hooks):
-                runs.append((run(), seen))
+                if generated:
+                    steps = list(tiny_model.stream(ids, 2, eos_token_id=[]))
+                    logits = steps[1].logits                                         # the step at column 5
+                else:
+                    cache = tiny_model.new_cache(1, 6)
+                    tok = tiny_model(ids, cache=cache, last_only=True).logits[:, -1].argmax(-1)
+                    logits = tiny_model(tok[:, None], cache=cache, start=5, last_only=True).logits[:, -1]
+            runs.append((logits, [s for s in seen if not s[3]]))                     # the decoding step's hooks
     (ref, ref_seen), (out, seen) = runs
     assert len(ref_seen) == len(tiny_model.hook_names()) and [s[0] for s in seen] == [s[0] for s in ref_seen]
     for (name, a, pos_a, pre_a), (_, b, pos_b, pre_b) in zip(ref_seen, seen):
         assert a.shape == b.shape and (pos_a, pre_a) == (pos_b, pre_b) == ([[5]], False), name
-        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6, msg=name)
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+        assert torch.equal(b, a), name
+    assert torch.equal(out, ref.float())
+    with torch.no_grad():
+        plain = tiny_model.generate(ids, max_new_tokens=2, eos_token_id=[])
+    assert not torch.allclose(ref, tiny_model(plain[:, :6]).logits[:, -1])           # the edit changed the logits
 
 
-def test_generation_uses_decode_step_unless_intervening_or_training(tiny_model, make_ids):
+MODULES = ["transformer.wte", "transformer.norm_f", "lm_head"] + [
+    f"transformer.blocks.{i}{m}" for i in range(2) for m in (
+        "", ".norm_attn_norm", ".norm_attn_norm.norm_1", ".norm_attn_norm.attn", ".norm_attn_norm.attn.Wqkv",
+        ".norm_attn_norm.attn.out_proj", ".norm_attn_norm.norm_2", ".ffn", ".ffn.router", ".ffn.router.layer",
+        ".ffn.experts")]
+
+
+def test_every_generation_step_is_one_model_call(tiny_model, make_ids):
+    """generate calls the model (nn.Module __call__) once for the prefill and once per later token, and every
+    submodule as a module each time; hooks fire in each step; an intervention applies in each step."""
     from dbrx_lab import ExpertAblation
 
-    calls = []
-    step = tiny_model.decode_step
-    tiny_model.decode_step = lambda *a: calls.append(a[2]) or step(*a)
+    calls, fired = [], {name: 0 for name in MODULES}
+    handles = [tiny_model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((tuple(args[0].shape), kwargs.get("start", 0))), with_kwargs=True)]
+    for name in MODULES:
+        handles.append(tiny_model.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: fired.__setitem__(name, fired[name] + 1)))
     ids = make_ids(1, 4)
     try:
         plain = tiny_model.generate(ids, max_new_tokens=5)
-        assert calls == [4, 5, 6, 7]                                   # every step after the prefill
+        assert calls == [((1, 4), 0), ((1, 1), 4), ((1, 1), 5), ((1, 1), 6), ((1, 1), 7)]   # prefill, then steps
+        assert fired == {name: 5 for name in MODULES}
         seen = []
         with tiny_model.hooks([("blocks.1.ffn.hook_topk_experts", lambda t, h: seen.append(t))]):
             hooked = tiny_model.generate(ids, max_new_tokens=5)
-        assert len(calls) == 8 and len(seen) == 5                      # hooks fire in decode_step too
-        with tiny_model.intervene(ExpertAblation(layer=1, experts=0)):
+        # the prefill's last block runs for the last token; its hook also sees the other 3 (a side pass)
+        assert len(calls) == 10 and [tuple(t.shape) for t in seen] == [(1, 3, 4)] + [(1, 1, 4)] * 5
+        chosen = []
+        with tiny_model.intervene(ExpertAblation(layer=1, experts=int(seen[-1][0, 0, 0]))), \
+                tiny_model.hooks([("blocks.1.ffn.hook_topk_experts", lambda t, h: chosen.append(t))]):
             tiny_model.generate(ids, max_new_tokens=5)
-            assert not tiny_model.decode_step_applies()
-        assert len(calls) == 8                                         # interventions take forward
-        tiny_model.train()
-        assert not tiny_model.decode_step_applies()
+        assert len(calls) == 15 and len(chosen) == 6
+        assert all(int(seen[-1][0, 0, 0]) not in t.flatten().tolist() for t in chosen)   # ablated at every step
     finally:
-        del tiny_model.decode_step
+        for h in handles:
+            h.remove()
     assert torch.equal(plain, hooked)
 
 
@@ -139,38 +170,51 @@ def coarse_row_unembedding(V: int = 4096, d: int = 64, B: int = 4, seed: int = 1
 
 @pytest.mark.parametrize("case", [near_tied_unembedding, coarse_row_unembedding])
 def test_unembed_screen_finds_the_float32_argmax(case, two_threads):
-    from dbrx_lab.generation import UnembedScreen
-    from dbrx_lab.model import linear
+    from dbrx_lab.kernels.linear import linear
+    from dbrx_lab.kernels.unembed import UnembedScreen
 
     weight, x = case()
-    ref = greedy(linear(x, weight))
+    exact = linear(x, weight)
+    ref = greedy(exact)
     screen = UnembedScreen(weight)
     int8_only = torch._weight_int8pack_mm(x.bfloat16(), screen.q, screen.scale).float().argmax(-1)
     assert (int8_only != ref).sum() >= 4                                         # the int8 product alone errs
-    assert torch.equal(screen.greedy(x, weight), ref)                           # batched
-    assert torch.equal(torch.cat([screen.greedy(row[None], weight) for row in x]), ref)
+    logits = screen.logits(x, weight)                                           # batched
+    assert logits.shape == exact.shape and logits.dtype == torch.float32
+    assert torch.equal(greedy(logits), ref)
+    kept = torch.isfinite(logits)
+    assert kept.any(-1).all() and (~kept).any(-1).all()                          # a few candidates per row
+    assert torch.all(logits[~kept] == float("-inf"))
+    torch.testing.assert_close(logits[kept], exact[kept], atol=1e-5, rtol=1e-6)  # exact where kept
+    assert torch.equal(torch.cat([greedy(screen.logits(row[None], weight)) for row in x]), ref)
     for bad in (float("inf"), float("nan")):                                    # full product; NaN wins as in argmax
         y = x[:3].clone()
         y[1, 5] = bad
-        assert torch.equal(screen.greedy(y, weight), greedy(linear(y, weight)))
+        assert torch.equal(greedy(screen.logits(y, weight)), greedy(linear(y, weight)))
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_greedy_generation_with_the_screen_equals_the_full_product(tiny_vocab_model, batch, two_threads):
+def test_greedy_generation_with_the_screen_equals_the_full_product(tiny_vocab_model, batch, two_threads, monkeypatch):
     """The demo-sized vocabulary (100352 x 64) takes the screen by default; same tokens and step logits without."""
-    from dbrx_lab.generation import unembed_screen
+    from dbrx_lab.kernels.unembed import UnembedScreen, screen_for
 
     model = tiny_vocab_model
     ids = torch.randint(0, 100352, (batch, 7), generator=torch.Generator().manual_seed(batch))
     runs = []
+    screened_calls = []
+    original = UnembedScreen.logits
+    monkeypatch.setattr(UnembedScreen, "logits", lambda self, *a: screened_calls.append(1) or original(self, *a))
     try:
         for flag in (None, False):
             model.screen_greedy = flag
-            assert (unembed_screen(model) is not None) == (flag is None)
+            assert (screen_for(model.lm_head) is not None) == (flag is None)
             steps = []
             runs.append((model.generate(ids, max_new_tokens=12, eos_token_id=[], streamer=steps.append), steps))
+            if flag is None:
+                assert len(screened_calls) == 11                  # every step after the prefill
     finally:
         model.screen_greedy = None
+    assert len(screened_calls) == 11                              # none with the screen off
     (screened, steps), (full, ref_steps) = runs
     assert torch.equal(screened, full)
     for s, r in zip(steps, ref_steps):
@@ -179,15 +223,14 @@ def test_greedy_generation_with_the_screen_equals_the_full_product(tiny_vocab_mo
 
 def test_the_screen_follows_in_place_edits_of_lm_head(tiny_model, make_ids):
     """An edit through `.data` (which autograd's version counter does not see) still rebuilds the int8 copy."""
-    import copy
-
     tiny_model.screen_greedy = True
     ids = make_ids(1, 4, seed=1)
     before = tiny_model.generate(ids, max_new_tokens=4)[0, 4:].tolist()
     second, unused = before[1], next(t for t in range(512) if t not in before)
     w = tiny_model.lm_head.weight
     w.data[[second, unused]] = w.data[[unused, second]]                            # swap two rows in place
-    reference = copy.deepcopy(tiny_model)
+    reference = DbrxLM(tiny_model.config).eval()                 # the edited weights, without the screen
+    reference.load_state_dict(tiny_model.state_dict())
     reference.screen_greedy = False
     after = tiny_model.generate(ids, max_new_tokens=4)
     assert after[0, 5] == unused and torch.equal(after, reference.generate(ids, max_new_tokens=4))

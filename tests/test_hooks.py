@@ -35,13 +35,14 @@ def attached(model):
 
 
 def documented_shape(name: str) -> tuple[int, ...]:
-    d, H, K, D, E, k, N = CFG.d_model, CFG.n_heads, CFG.kv_n_heads, CFG.head_dim, CFG.moe_num_experts, \
-        CFG.moe_top_k, B * T
+    """[batch, pos, ...] everywhere; scores and pattern [batch, head, query, key]."""
+    d, H, K, D, E, k = CFG.d_model, CFG.n_heads, CFG.kv_n_heads, CFG.head_dim, CFG.moe_num_experts, CFG.moe_top_k
     suffix = name.split(".", 2)[-1] if name.startswith("blocks.") else name
-    return {"attn.hook_q": (B, H, T, D), "attn.hook_k": (B, K, T, D), "attn.hook_v": (B, K, T, D),
+    return {"attn.hook_q": (B, T, H, D), "attn.hook_k": (B, T, K, D), "attn.hook_v": (B, T, K, D),
             "attn.hook_scores": (B, H, T, T), "attn.hook_pattern": (B, H, T, T), "attn.hook_z": (B, T, H, D),
-            "ffn.hook_router_logits": (N, E), "ffn.hook_topk_experts": (N, k), "ffn.hook_topk_weights": (N, k),
-            "ffn.hook_expert_out": (N, k, d), "ffn.hook_expert_hidden_norm": (N, k)}.get(suffix, (B, T, d))
+            "ffn.hook_router_logits": (B, T, E), "ffn.hook_topk_experts": (B, T, k),
+            "ffn.hook_topk_weights": (B, T, k), "ffn.hook_expert_out": (B, T, k, d),
+            "ffn.hook_expert_hidden_norm": (B, T, k)}.get(suffix, (B, T, d))
 
 
 def test_every_design_hook_exists_on_every_block_in_forward_order_with_documented_shapes(model, ids):
@@ -56,8 +57,12 @@ def test_every_design_hook_exists_on_every_block_in_forward_order_with_documente
     with model.hooks([(lambda n: True, lambda x, hook: seen.append((hook.name, tuple(x.shape))))]):
         model(ids)
     assert [n for n, _ in seen] == names                      # every point fires once, in hook_names() order
+    assert CFG.kv_n_heads < CFG.n_heads and CFG.moe_top_k < T  # the layouts are told apart by their sizes
     for name, shape in seen:
         assert shape == documented_shape(name), name
+    layouts = model.hook_names(shapes=True)                   # the documented layouts name every dimension
+    for name, shape in seen:
+        assert len(layouts[name].split(", ")) == len(shape), name
     assert model.hook_names("blocks.1.ffn.*") == [f"blocks.1.ffn.hook_{n}" for n in
                                                   ("router_logits", "topk_experts", "topk_weights",
                                                    "expert_hidden_norm", "expert_out")]
@@ -179,8 +184,8 @@ def test_hook_returning_wrong_shape_or_type_errors(model, ids):
     def shrink(x, hook):
         return x[:, :1]
 
-    with pytest.raises(ValueError, match=r"blocks\.1\.hook_attn_out must return None or a tensor of shape "
-                                         r"\(2, 5, 64\), got \(2, 1, 64\)"):
+    with pytest.raises(ValueError, match=r"hook 'shrink' at blocks\.1\.hook_attn_out must return None or a tensor "
+                                         r"of shape \(2, 5, 64\), dtype torch\.float32 on cpu; got \(2, 1, 64\)"):
         with model.hooks([("blocks.1.hook_attn_out", shrink)]):
             model(ids)
     with pytest.raises(ValueError, match="got list"):
@@ -190,37 +195,54 @@ def test_hook_returning_wrong_shape_or_type_errors(model, ids):
 
 
 def test_nothing_attached_means_no_callbacks_and_sdpa_everywhere(model, ids, monkeypatch):
-    """Hook points bypass nn.Module.__call__ (no torch hook machinery) and run no Python hook; attention
-    takes the SDPA path unless a hook asks for the pattern, and then only in that layer."""
+    """Hook points bypass nn.Module.__call__ (no torch hook machinery) and run no Python hook; attention is
+    SDPA's in every layer. A hook on the pattern does not switch that layer to another path: the output is
+    still SDPA's, bit for bit; the pattern is computed on the side, in that layer only, and equals the
+    reference softmax(q k^T / sqrt(D)) of the hooked q and k."""
+    import dbrx_lab.model as model_module
+    from dbrx_lab.kernels import ATTENTION
+
     hookpoint_calls = []
     handle = torch.nn.modules.module.register_module_forward_pre_hook(
         lambda mod, args: hookpoint_calls.append(1) if isinstance(mod, HookPoint) else None)
-    sdpa_calls, explicit_calls = [], []
+    sdpa_calls, reference_calls, side_scores = [], [], []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **kw: sdpa_calls.append(1) or sdpa(*a, **kw))
-    attn_cls = type(model.blocks[0].norm_attn_norm.attn)
-    explicit = attn_cls._explicit
-    monkeypatch.setattr(attn_cls, "_explicit", lambda self, *a: explicit_calls.append(self) or explicit(self, *a))
+    reference = ATTENTION.impls["reference"]
+    monkeypatch.setitem(ATTENTION.impls, "reference", lambda *a: reference_calls.append(1) or reference(*a))
+    scores = model_module.attention_scores
+    monkeypatch.setattr(model_module, "attention_scores", lambda *a: side_scores.append(1) or scores(*a))
     try:
         with model.hooks([("hook_embed", lambda x, h: None)]):
             pass
         base = model(ids).logits
         assert hookpoint_calls == []
-        assert len(sdpa_calls) == CFG.n_layers and explicit_calls == []
+        assert len(sdpa_calls) == CFG.n_layers and reference_calls == [] and side_scores == []
         assert all(not p.fns for p in model.hook_points.values())
 
         sdpa_calls.clear()
-        patterns = []
-        with model.hooks([("blocks.1.attn.hook_pattern", lambda x, h: patterns.append(x))]):
+        got = {}
+        hooks = [("blocks.1.attn.hook_pattern", lambda x, h: got.__setitem__("pattern", x.clone())),
+                 ("blocks.1.attn.hook_q", lambda x, h: got.__setitem__("q", x.clone())),
+                 ("blocks.1.attn.hook_k", lambda x, h: got.__setitem__("k", x.clone()))]
+        with model.hooks(hooks):
             hooked = model(ids).logits
-        assert len(sdpa_calls) == CFG.n_layers - 1
-        assert explicit_calls == [model.blocks[1].norm_attn_norm.attn]
-        assert torch.allclose(hooked, base, atol=1e-5)           # the explicit path computes the same thing
-        assert torch.allclose(patterns[0].sum(-1), torch.ones(B, CFG.n_heads, T), atol=1e-6)
-        assert torch.all(patterns[0].triu(1) == 0)              # causal
+        assert len(sdpa_calls) == CFG.n_layers and reference_calls == []   # still SDPA in every layer
+        assert len(side_scores) == 1                                       # the pattern of layer 1 only
+        assert hookpoint_calls == []
+        assert torch.equal(hooked, base)                                   # recording changes nothing
     finally:
         handle.remove()
+    pattern = got["pattern"]
+    assert pattern.shape == (B, CFG.n_heads, T, T)
+    q = got["q"].transpose(1, 2)                                           # [B, H, T, D]
+    k = got["k"].transpose(1, 2).repeat_interleave(CFG.n_heads // CFG.kv_n_heads, dim=1)
+    s = (q @ k.transpose(-1, -2)) / CFG.head_dim ** 0.5
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    torch.testing.assert_close(pattern, s.softmax(-1), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(pattern.sum(-1), torch.ones(B, CFG.n_heads, T), atol=1e-6)
+    assert torch.all(pattern.triu(1) == 0)                                 # causal
 
 
 def test_expert_hidden_norm_is_only_computed_when_asked(model, ids, monkeypatch):
@@ -232,7 +254,7 @@ def test_expert_hidden_norm_is_only_computed_when_asked(model, ids, monkeypatch)
     def spy(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
-        wants.append(bound.arguments["want_hidden_norm"])
+        wants.append(bound.arguments["observe"])
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(experts_cls, "forward", spy)
@@ -243,7 +265,7 @@ def test_expert_hidden_norm_is_only_computed_when_asked(model, ids, monkeypatch)
     with model.hooks([("blocks.0.ffn.hook_expert_hidden_norm", lambda x, h: norms.append(x))]):
         model(ids)
     assert wants == [True] + [False] * (CFG.n_layers - 1)
-    assert norms[0].shape == (B * T, CFG.moe_top_k) and bool((norms[0] > 0).all())
+    assert norms[0].shape == (B, T, CFG.moe_top_k) and bool((norms[0] > 0).all())
 
 
 def test_hooks_see_each_decode_step_in_generate(model, ids):
@@ -251,6 +273,6 @@ def test_hooks_see_each_decode_step_in_generate(model, ids):
     with model.hooks([("blocks.0.ffn.hook_topk_experts",
                        lambda x, h: seen.append((tuple(x.shape), h.ctx.positions[0].tolist(), h.ctx.is_prefill)))]):
         model.generate(ids, max_new_tokens=3)
-    assert seen == [((B * T, CFG.moe_top_k), list(range(T)), True),
-                    ((B, CFG.moe_top_k), [T], False),
-                    ((B, CFG.moe_top_k), [T + 1], False)]
+    assert seen == [((B, T, CFG.moe_top_k), list(range(T)), True),
+                    ((B, 1, CFG.moe_top_k), [T], False),
+                    ((B, 1, CFG.moe_top_k), [T + 1], False)]

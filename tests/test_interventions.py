@@ -470,7 +470,9 @@ def test_removed_on_exit_also_on_error(env):
                 assert len(model.blocks[1].ffn.edits) == 2 and len(model.blocks[0].norm_attn_norm.attn.edits) == 1
                 raise RuntimeError("boom")
         assert model.active_interventions() == [outer]
-        assert all(b.ffn.edits == [outer] for b in model.blocks)
+        assert all(b.ffn.edits == (outer,) for b in model.blocks)
+        with pytest.raises(AttributeError):                     # read-only: attach with model.intervene
+            model.blocks[0].ffn.edits = []
     assert edits_of(model) == empty
     # a validation error half-way attaches nothing
     with pytest.raises(ValueError, match="out of range"):
@@ -485,9 +487,9 @@ def test_same_object_in_nested_blocks(env):
     with env.model.intervene(iv):
         once = ours(env)
         with env.model.intervene(iv):
-            assert env.model.blocks[0].ffn.edits == [iv, iv]
+            assert env.model.blocks[0].ffn.edits == (iv, iv)
             twice = ours(env)
-        assert env.model.blocks[0].ffn.edits == [iv]
+        assert env.model.blocks[0].ffn.edits == (iv,)
         assert torch.equal(ours(env), once)
     with env.model.intervene(ExpertScale(layer=0, expert=env.busy[0][0], factor=4.0)):
         torch.testing.assert_close(ours(env), twice)
@@ -504,7 +506,8 @@ def test_interventions_active_at_every_decode_step(env):
     with env.model.intervene(ExpertAblation(layer=0, experts=gone)), \
             env.model.hooks([("blocks.0.ffn.hook_topk_experts", spy)]):
         env.model.generate(env.ids, attention_mask=env.mask, max_new_tokens=5)
-    assert len(seen) == 5 and not torch.isin(torch.cat(seen), torch.tensor(gone)).any()
+    assert [tuple(t.shape) for t in seen] == [(2, 12, K)] + [(2, 1, K)] * 4   # the prefill, then each step
+    assert not torch.isin(torch.cat([t.flatten() for t in seen]), torch.tensor(gone)).any()
     assert not env.model.active_interventions()
 
 

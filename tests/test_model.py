@@ -5,8 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dbrx_lab.kernels.experts as experts_module
 from dbrx_lab import PRESETS, DbrxLM
-from dbrx_lab.model import ExpertGLU, linear
+from dbrx_lab.kernels.experts import cpu_experts, grouped_experts
+from dbrx_lab.kernels.linear import linear
+from dbrx_lab.model import ExpertGLU, reference_experts
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,6 +26,25 @@ def test_state_dict_matches_hf_both_ways(changes):
     assert list(shapes(ours)) == list(shapes(hf))                  # same order too
     ours.load_state_dict(hf.state_dict(), strict=True)
     hf.load_state_dict(ours.state_dict(), strict=True)
+
+
+def test_model_can_be_deep_copied(tiny_model, make_ids):
+    """copy.deepcopy gives an independent model (notebooks copy a model to edit its weights; tests did too)."""
+    import copy
+
+    ids = make_ids(1, 5)
+    with torch.no_grad():
+        before = tiny_model(ids).logits
+        copied = copy.deepcopy(tiny_model)
+        assert torch.equal(copied(ids).logits, before)
+        assert copied.hook_points["hook_final"] is copied.transformer.hook_final      # the copy's own points
+        seen = []
+        with copied.hooks([("hook_final", lambda x, h: seen.append(1))]):
+            tiny_model(ids)
+            copied(ids)
+        assert seen == [1]
+        copied.lm_head.weight.zero_()
+        assert torch.equal(tiny_model(ids).logits, before)
 
 
 def test_full_size_on_meta_matches_hf_and_has_131_6b_parameters():
@@ -56,20 +78,52 @@ def test_every_hook_fires_with_documented_shapes(tiny_model, make_ids):
     with torch.no_grad(), tiny_model.hooks([("*", lambda t, h: seen.__setitem__(h.name, tuple(t.shape)))]):
         tiny_model(make_ids(B, T))
     assert set(seen) == set(tiny_model.hook_names())
-    N, H, K, D, E, k, d = B * T, cfg.n_heads, cfg.kv_n_heads, cfg.head_dim, 16, 4, cfg.d_model
-    assert seen["blocks.0.attn.hook_q"] == (B, H, T, D) and seen["blocks.0.attn.hook_k"] == (B, K, T, D)
-    assert seen["blocks.0.attn.hook_pattern"] == (B, H, T, T) and seen["blocks.0.attn.hook_z"] == (B, T, H, D)
-    assert seen["blocks.1.ffn.hook_router_logits"] == (N, E) and seen["blocks.1.ffn.hook_topk_experts"] == (N, k)
-    assert seen["blocks.1.ffn.hook_expert_out"] == (N, k, d) and seen["hook_final"] == (B, T, d)
+    H, K, D, E, k, d = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim, 16, 4, cfg.d_model
+    assert K < H                                                   # q and k/v layouts differ in the head dim
+    for i in range(2):                                             # [batch, pos, ...] / [batch, head, query, key]
+        assert seen[f"blocks.{i}.attn.hook_q"] == (B, T, H, D) and seen[f"blocks.{i}.attn.hook_z"] == (B, T, H, D)
+        assert seen[f"blocks.{i}.attn.hook_k"] == (B, T, K, D) and seen[f"blocks.{i}.attn.hook_v"] == (B, T, K, D)
+        assert seen[f"blocks.{i}.attn.hook_scores"] == (B, H, T, T) == seen[f"blocks.{i}.attn.hook_pattern"]
+        assert seen[f"blocks.{i}.ffn.hook_router_logits"] == (B, T, E)
+        for name in ("hook_topk_experts", "hook_topk_weights", "hook_expert_hidden_norm"):
+            assert seen[f"blocks.{i}.ffn.{name}"] == (B, T, k), name
+        assert seen[f"blocks.{i}.ffn.hook_expert_out"] == (B, T, k, d)
+        for name in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_ffn_out", "hook_resid_post"):
+            assert seen[f"blocks.{i}.{name}"] == (B, T, d), name
+    assert seen["hook_embed"] == (B, T, d) and seen["hook_final"] == (B, T, d)
+    shapes = tiny_model.hook_names(shapes=True)                    # the documented layouts, with sizes
+    assert shapes["blocks.0.attn.hook_q"] == f"[batch, pos, head={H}, d_head={D}]"
+    assert shapes["blocks.0.attn.hook_k"] == f"[batch, pos, kv_head={K}, d_head={D}]"
+    assert shapes["blocks.0.attn.hook_pattern"] == f"[batch, head={H}, query, key]"
+    assert shapes["blocks.0.ffn.hook_router_logits"] == f"[batch, pos, expert={E}]"
+    assert shapes["blocks.0.ffn.hook_expert_out"] == f"[batch, pos, k={k}, d_model={d}]"
+    for name, layout in shapes.items():                            # every hook's layout matches what it got
+        assert len(layout.split(", ")) == len(seen[name]), name
 
 
-def test_explicit_attention_path_equals_sdpa(tiny_model, make_ids):
+@pytest.mark.parametrize("padded", [False, True])
+def test_explicit_attention_path_equals_sdpa(tiny_model, make_ids, padded):
+    """The reference attention kernel (explicit softmax(q k^T) v) and SDPA give the same logits; observing the
+    pattern changes nothing (the output stays SDPA's, bit for bit); a hook that replaces the pattern makes
+    the output pattern @ v, which equals SDPA's for an unchanged pattern."""
     ids = make_ids(2, 9)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    if padded:
+        mask[1, :4] = 0
     with torch.no_grad():
-        sdpa = tiny_model(ids).logits
+        assert tiny_model.kernels()["attention"] == "auto"
+        sdpa = tiny_model(ids, mask).logits
         with tiny_model.hooks([("blocks.*.attn.hook_pattern", lambda t, h: None)]):
-            explicit = tiny_model(ids).logits
-    torch.testing.assert_close(explicit, sdpa, atol=1e-5, rtol=1e-5)
+            observed = tiny_model(ids, mask).logits
+        with tiny_model.hooks([("blocks.*.attn.hook_pattern", lambda t, h: t.clone())]):
+            replaced = tiny_model(ids, mask).logits
+        tiny_model.set_kernels(attention="reference")
+        reference = tiny_model(ids, mask).logits
+        tiny_model.set_kernels(attention="sdpa")
+        assert torch.equal(tiny_model(ids, mask).logits, sdpa)
+    assert torch.equal(observed, sdpa)
+    for other in (reference, replaced):
+        torch.testing.assert_close(other, sdpa, atol=1e-5, rtol=1e-5)
 
 
 def test_rows_sum_and_topk_weights_normalised(tiny_model, make_ids):
@@ -78,49 +132,64 @@ def test_rows_sum_and_topk_weights_normalised(tiny_model, make_ids):
              ("blocks.0.ffn.hook_topk_weights", lambda t, h: got.__setitem__("w", t))]
     with torch.no_grad(), tiny_model.hooks(hooks):
         tiny_model(make_ids(1, 6))
+    assert got["p"].shape == (1, 4, 6, 6) and got["w"].shape == (1, 6, 4)   # [B, H, Q, K] and [B, T, k]
     torch.testing.assert_close(got["p"].sum(-1), torch.ones(1, 4, 6))
     assert torch.all(got["p"].triu(1) == 0)                        # causal
-    torch.testing.assert_close(got["w"].sum(-1), torch.ones(6))    # p=1 renormalisation
-    assert torch.all(got["w"][:, :-1] >= got["w"][:, 1:])           # descending
+    torch.testing.assert_close(got["w"].sum(-1), torch.ones(1, 6))  # p=1 renormalisation
+    assert torch.all(got["w"][..., :-1] >= got["w"][..., 1:])       # descending
 
 
 @pytest.fixture
 def expert_calls(monkeypatch):
-    """Records (expert index, number of tokens) for every ExpertGLU.expert call."""
+    """Records (expert index, number of tokens) for every single-expert GLU: ExpertGLU.expert (the reference
+    kernel) and kernels.experts.one_expert (the CPU kernel's per-expert path)."""
     calls = []
-    original = ExpertGLU.expert
+    original, one = ExpertGLU.expert, experts_module.one_expert
 
     def spy(self, x, e, *args, **kwargs):
         calls.append((int(e), x.shape[0]))
         return original(self, x, e, *args, **kwargs)
 
+    def spy_one(mlp, x, e, *args, **kwargs):
+        calls.append((int(e), x.shape[0]))
+        return one(mlp, x, e, *args, **kwargs)
+
     monkeypatch.setattr(ExpertGLU, "expert", spy)
+    monkeypatch.setattr(experts_module, "one_expert", spy_one)
     return calls
 
 
-def test_moe_one_token_computes_only_its_top4_experts(tiny_model, expert_calls, make_ids):
+@pytest.mark.parametrize("kernel", ["reference", "cpu"])
+def test_moe_one_token_computes_only_its_top4_experts(tiny_model, expert_calls, make_ids, kernel):
+    tiny_model.set_kernels(experts=kernel)
     chosen = []
     with torch.no_grad(), tiny_model.hooks([("blocks.*.ffn.hook_topk_experts", lambda t, h: chosen.append(t))]):
         tiny_model(make_ids(1, 1))
     assert len(expert_calls) == 2 * 4                                # 2 layers x top-4, never all 16
     for layer in range(2):
         calls = expert_calls[4 * layer: 4 * layer + 4]
-        assert sorted(e for e, _ in calls) == sorted(chosen[layer][0].tolist())
+        assert sorted(e for e, _ in calls) == sorted(chosen[layer][0, 0].tolist())
         assert all(n == 1 for _, n in calls)
 
 
-def test_moe_groups_tokens_by_expert(tiny_model, expert_calls, make_ids, monkeypatch):
-    monkeypatch.setattr("dbrx_lab.model.padded_rows_ok", lambda *a: False)     # the per-expert loop
+@pytest.mark.parametrize("kernel", ["reference", "cpu"])
+def test_moe_groups_tokens_by_expert(tiny_model, expert_calls, make_ids, monkeypatch, kernel):
+    monkeypatch.setattr(experts_module, "padded_rows_ok", lambda *a: False)     # the CPU kernel's per-expert loop
+    tiny_model.set_kernels(experts=kernel)
     chosen = []
     with torch.no_grad(), tiny_model.hooks([("blocks.0.ffn.hook_topk_experts", lambda t, h: chosen.append(t))]):
         tiny_model(make_ids(2, 7))
-    layer0 = expert_calls[:len(Counter(chosen[0].flatten().tolist()))]
-    assert dict(layer0) == dict(Counter(chosen[0].flatten().tolist()))   # one call per used expert, n = its tokens
+    used = Counter(chosen[0].flatten().tolist())
+    layer0 = expert_calls[:len(used)]
+    assert len(expert_calls) > len(used)                            # layer 1 came after
+    assert dict(layer0) == dict(used) and len(dict(layer0)) == len(layer0)   # one call per used expert, n = its tokens
 
 
+@pytest.mark.parametrize("kernel", ["reference", "grouped", "cpu"])
 @pytest.mark.parametrize("tokens", [5, 40])       # 5: one GLU per expert hit; 40: one bmm over all experts
-def test_moe_matches_dense_reference(tiny_model, make_ids, tokens):
-    """Our grouped MoE equals a naive per-token loop over the chosen experts."""
+def test_moe_matches_dense_reference(tiny_model, make_ids, tokens, kernel):
+    """Every experts kernel's MoE equals a naive per-token loop over the chosen experts."""
+    tiny_model.set_kernels(experts=kernel)
     moe = tiny_model.blocks[0].ffn
     x = torch.randn(1, tokens, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -137,33 +206,33 @@ def test_moe_matches_dense_reference(tiny_model, make_ids, tokens):
 def test_moe_padded_batch_matches_the_per_expert_loop(tiny_model, tokens, monkeypatch):
     """The all-experts bmm over zero-padded [E, m, d] blocks gives what one GLU per expert gives: weighted
     sums, unweighted outputs per slot, hidden norms; taken only when the padding is small."""
-    import dbrx_lab.model as model_module
-
+    tiny_model.set_kernels(experts="cpu")
     experts = tiny_model.blocks[0].ffn.experts
-    E, k = tiny_model.config.moe_num_experts, 4
+    E, k, d = tiny_model.config.moe_num_experts, 4, tiny_model.config.d_model
     g = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, tiny_model.config.d_model, generator=g)
+    x = torch.randn(tokens, d, generator=g)
     idx = torch.rand(tokens, E, generator=g).add_(torch.linspace(0, 0.5, E)).topk(k).indices   # skewed
     w = torch.rand(tokens, k, generator=g)
     m = int(torch.bincount(idx.flatten(), minlength=E).max())
-    padded = model_module.padded_rows_ok(E, m, tokens * k)
+    padded = experts_module.padded_rows_ok(E, m, tokens * k)
     calls = []
-    batched = experts.mlp.all_experts
-    monkeypatch.setattr(experts.mlp, "all_experts", lambda xp, *a: calls.append(tuple(xp.shape)) or batched(xp, *a))
+    batched = experts_module.glu_bmm
+    monkeypatch.setattr(experts_module, "glu_bmm", lambda xp, *a: calls.append(tuple(xp.shape)) or batched(xp, *a))
     with torch.no_grad():
-        fast = experts(x, idx, w, want_hidden_norm=True), experts(x, idx, None, want_hidden_norm=True)
-        monkeypatch.setattr(model_module, "padded_rows_ok", lambda *a: False)
-        slow = experts(x, idx, w, want_hidden_norm=True), experts(x, idx, None, want_hidden_norm=True)
-    assert calls == ([(E, m, x.shape[1])] * 2 if padded else [])
+        fast = experts(x, idx, w, observe=True)                        # (out, unweighted, hidden norms)
+        monkeypatch.setattr(experts_module, "padded_rows_ok", lambda *a: False)
+        slow = experts(x, idx, w, observe=True)
+        ref = reference_experts(experts.mlp, x, idx, w, observe=True)
+    assert calls == ([(E, m, d)] if padded else [])
     assert padded == (tokens == 40), m          # skewed: m = 8 of 48 pairs, m = 152 of 1200 (too much padding)
-    for (out_f, norm_f), (out_s, norm_s) in zip(fast, slow):
-        assert out_f.shape == out_s.shape
-        torch.testing.assert_close(out_f, out_s, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(norm_f, norm_s, atol=1e-5, rtol=1e-5)
+    assert [t.shape for t in fast] == [(tokens, d), (tokens, k, d), (tokens, k)]
+    for f, s, r in zip(fast, slow, ref):
+        torch.testing.assert_close(f, s, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-5)
 
 
 def test_padded_rows_rule():
-    from dbrx_lab.model import padded_rows_ok
+    from dbrx_lab.kernels.experts import padded_rows_ok
 
     assert padded_rows_ok(16, 10, 32 * 4)              # 32-token prompt: 1.25x padding, weight-bound
     assert not padded_rows_ok(16, 2, 4 * 4)            # fewer than 2 pairs per expert: loop
@@ -220,7 +289,8 @@ def test_prompt_continued_in_chunks_is_causal(tiny_model, make_ids):
 @pytest.mark.parametrize("padded", [False, True])
 def test_prefill_computes_the_last_block_for_the_last_token_only(tiny_model, make_ids, padded):
     """With last_only and no hook on the last block, its attention output and experts run on one token per
-    row; the logits, the filled cache and the next step equal those of a full prefill."""
+    row; the logits, the filled cache and the next step equal those of a full prefill. A hook on the last
+    block still sees every token (a side pass computes the others for it) and changes no output bit."""
     ids = make_ids(2, 9)
     mask = torch.ones(2, 9, dtype=torch.long)
     if padded:
@@ -229,21 +299,32 @@ def test_prefill_computes_the_last_block_for_the_last_token_only(tiny_model, mak
     rows = []
     original = last.forward
     last.forward = lambda x, *a, **k: (rows.append(x.shape[0]), original(x, *a, **k))[1]
+    seen = []
     try:
         with torch.no_grad():
             full_cache, pruned_cache = tiny_model.new_cache(2, 10), tiny_model.new_cache(2, 10)
-            full = tiny_model(ids, mask, cache=full_cache).logits[:, -1:]
+            with tiny_model.hooks([("blocks.1.hook_resid_post", lambda x, hook: seen.append(x.clone()))]):
+                full_out = tiny_model(ids, mask, cache=full_cache)
+            full, resid_post = full_out.logits[:, -1:], seen.pop()
+            assert rows == [18] and resid_post.shape == (2, 9, 64)
             pruned = tiny_model(ids, mask, cache=pruned_cache, last_only=True).logits
             assert rows == [18, 2]
-            with tiny_model.hooks([("blocks.1.hook_resid_post", lambda x, hook: None)]):
-                hooked = tiny_model(ids, mask, cache=tiny_model.new_cache(2, 10), last_only=True).logits
-            assert rows[-1] == 18                          # a hook on the last block sees every token
+            hooked_cache = tiny_model.new_cache(2, 10)
+            with tiny_model.hooks([("blocks.1.hook_resid_post",
+                                    lambda x, hook: seen.append((x.clone(), hook.ctx.columns)))]):
+                hooked = tiny_model(ids, mask, cache=hooked_cache, last_only=True).logits
+            assert rows[2:] == [16, 2]                     # the other 8 tokens for the hook, then the last one
             step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
             nxt = [tiny_model(ids[:, -1:], step_mask, cache=c, start=9).logits for c in (full_cache, pruned_cache)]
     finally:
         del last.forward
+    # the hook saw every token once, in order, with its columns; the values a full forward computes
+    assert [cols for _, cols in seen] == [range(0, 8), range(8, 9)]
+    torch.testing.assert_close(torch.cat([x for x, _ in seen], dim=1), resid_post, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(pruned, full, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(hooked, full, atol=1e-5, rtol=1e-5)
+    assert torch.equal(hooked, pruned)                     # observing the last block changes nothing
+    for a, b in zip(pruned_cache, hooked_cache):           # and fills the prompt's columns of the cache the same
+        assert torch.equal(a.k[:, :, :9], b.k[:, :, :9]) and torch.equal(a.v[:, :, :9], b.v[:, :, :9])
     for a, b in zip(full_cache, pruned_cache):
         assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
     torch.testing.assert_close(nxt[1], nxt[0], atol=1e-5, rtol=1e-5)
@@ -288,38 +369,38 @@ def test_linear_matches_the_plain_product(threads):
 
 
 @pytest.mark.parametrize("chosen", [[5, 2, 9, 14], [7, 3, 11], [15, 0]])
-def test_one_token_expert_pairs_match_the_grouped_path(tiny_model, chosen, two_threads):
+def test_one_token_expert_pairs_match_the_grouped_path(tiny_model, chosen, two_threads, monkeypatch):
+    tiny_model.set_kernels(experts="cpu")
     experts = tiny_model.blocks[0].ffn.experts
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, tiny_model.config.d_model, generator=g)
     idx = torch.tensor([chosen])
     w = torch.rand(1, len(chosen), generator=g)
     calls = []
-    pair = experts.mlp.expert_pair
-    experts.mlp.expert_pair = lambda *a: calls.append(a[1:3]) or pair(*a)
-    try:
-        with torch.no_grad():
-            fast = experts(x, idx, w, want_hidden_norm=True), experts(x, idx, None, want_hidden_norm=True)
-            torch.set_num_threads(1)                                  # the grouped path
-            slow = experts(x, idx, w, want_hidden_norm=True), experts(x, idx, None, want_hidden_norm=True)
-    finally:
-        del experts.mlp.expert_pair
+    pair = experts_module.expert_pair
+    monkeypatch.setattr(experts_module, "expert_pair", lambda mlp, xs, a, b, *r: calls.append((a, b)) or pair(mlp, xs, a, b, *r))
+    with torch.no_grad():
+        fast = experts(x, idx, w, observe=True), experts(x, idx, w)
+        torch.set_num_threads(1)                                      # the grouped path
+        slow = experts(x, idx, w, observe=True), experts(x, idx, w)
+    ref = reference_experts(experts.mlp, x, idx, w, observe=True)
     k = len(chosen)
     ids = sorted(chosen)
     pairs = [(ids[i], ids[min(i + 1, k - 1)]) for i in range(0, k, 2)]   # ascending pairs, odd last with itself
-    assert calls == pairs * 2                                         # weighted call, then unweighted
-    for (out_f, norm_f), (out_s, norm_s) in zip(fast, slow):
-        assert out_f.shape == out_s.shape
-        torch.testing.assert_close(out_f, out_s, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(norm_f, norm_s, atol=1e-5, rtol=1e-5)
+    assert calls == pairs * 2                                         # observed call, then plain
+    assert fast[1][1] is None and fast[1][2] is None                  # nothing extra unless observed
+    assert torch.equal(fast[0][0], fast[1][0])                        # observing does not change the output
+    assert [t.shape for t in fast[0]] == [(1, 64), (1, k, 64), (1, k)]
+    for f, s, r in zip(fast[0], slow[0], ref):
+        torch.testing.assert_close(f, s, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-5)
 
 
 def test_grouped_path_pairs_experts_of_similar_size(tiny_model, two_threads, monkeypatch):
     """With two threads, experts with a similar number of rows (at most PAIR_MAX_ROWS) run two at a time in
     one bmm over zero-padded rows; the result equals one GLU per expert (the one-thread path)."""
-    import dbrx_lab.model as model_module
-
-    monkeypatch.setattr(model_module, "padded_rows_ok", lambda *a: False)
+    monkeypatch.setattr(experts_module, "padded_rows_ok", lambda *a: False)
+    tiny_model.set_kernels(experts="cpu")
     experts = tiny_model.blocks[0].ffn.experts
     E, k, tokens = tiny_model.config.moe_num_experts, 4, 60
     g = torch.Generator().manual_seed(5)
@@ -328,31 +409,33 @@ def test_grouped_path_pairs_experts_of_similar_size(tiny_model, two_threads, mon
     w = torch.rand(tokens, k, generator=g)
     n_of = torch.bincount(idx.flatten(), minlength=E).tolist()
     calls = []
-    pair = experts.mlp.expert_pair
-    monkeypatch.setattr(experts.mlp, "expert_pair",
-                        lambda xs, a, b, **kw: calls.append((a, b, xs.shape[1])) or pair(xs, a, b, **kw))
+    pair = experts_module.expert_pair
+    monkeypatch.setattr(experts_module, "expert_pair",
+                        lambda mlp, xs, a, b, *r: calls.append((a, b, xs.shape[1])) or pair(mlp, xs, a, b, *r))
     with torch.no_grad():
-        fast = experts(x, idx, w, want_hidden_norm=True), experts(x, idx, None, want_hidden_norm=True)
+        fast = experts(x, idx, w, observe=True)
         torch.set_num_threads(1)
-        slow = experts(x, idx, w, want_hidden_norm=True), experts(x, idx, None, want_hidden_norm=True)
+        n_pairs = len(calls)
+        slow = experts(x, idx, w, observe=True)
     assert calls, n_of
+    assert len(calls) == n_pairs                                      # one thread: no pairs
     for a, b, m in calls:
         assert a < b and m == max(n_of[a], n_of[b]) <= 2 * min(n_of[a], n_of[b])
-    for (out_f, norm_f), (out_s, norm_s) in zip(fast, slow):
-        torch.testing.assert_close(out_f, out_s, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(norm_f, norm_s, atol=1e-5, rtol=1e-5)
+    for f, s in zip(fast, slow):
+        torch.testing.assert_close(f, s, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("path", ["padded", "grouped", "pairs"])
 def test_moe_scratch_buffers_are_reused_and_never_returned(tiny_model, path, monkeypatch):
-    """Without autograd the MoE's temporaries live in model.SCRATCH: a second call of the same size reuses
-    the same memory, no result aliases it (an earlier result survives a later call), and the results equal
-    those of the autograd path, which allocates as usual."""
-    import dbrx_lab.model as model_module
-
+    """Without autograd the CPU kernel's temporaries live in kernels.experts.SCRATCH: a second call of the
+    same size reuses the same memory, no result aliases it (an earlier result survives a later call), and
+    the results equal those of the autograd path, which allocates as usual."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2 if path == "pairs" else 1)   # pairs need threads
     if path != "padded":
-        monkeypatch.setattr(model_module, "padded_rows_ok", lambda *a: False)
+        monkeypatch.setattr(experts_module, "padded_rows_ok", lambda *a: False)
+    pair, paired = experts_module.expert_pair, []
+    monkeypatch.setattr(experts_module, "expert_pair", lambda *a: paired.append(1) or pair(*a))
+    tiny_model.set_kernels(experts="cpu")
     experts = tiny_model.blocks[0].ffn.experts
     E, k, d, tokens = tiny_model.config.moe_num_experts, 4, tiny_model.config.d_model, 60
     g = torch.Generator().manual_seed(3)
@@ -364,31 +447,33 @@ def test_moe_scratch_buffers_are_reused_and_never_returned(tiny_model, path, mon
 
     skew = 0.0 if path == "padded" else 0.6
     first, second = inputs(skew), inputs(skew)
-    model_module.SCRATCH.clear()
-    buffers = model_module.SCRATCH.buffers
+    experts_module.SCRATCH.clear()
+    buffers = experts_module.SCRATCH.buffers
     with torch.no_grad():
         for x, idx, w in (first, second, first, second):                  # buffers reach their sizes
-            experts(x, idx, w, want_hidden_norm=True), experts(x, idx, None, want_hidden_norm=True)
+            experts(x, idx, w, observe=True), experts(x, idx, w)
         ptrs = {key: buf.data_ptr() for key, buf in buffers.items()}
         assert ptrs, "no scratch buffer used"
-        out, norm = experts(*first, want_hidden_norm=True)
-        unweighted, _ = experts(*first[:2], None)
-        kept = out.clone(), norm.clone(), unweighted.clone()
-        experts(*second, want_hidden_norm=True), experts(*second[:2], None)   # other values, same buffers
+        out, unweighted, norm = experts(*first, observe=True)
+        plain, _, _ = experts(*first)
+        kept = out.clone(), norm.clone(), unweighted.clone(), plain.clone()
+        experts(*second, observe=True), experts(*second)                 # other values, same buffers
         assert {key: buf.data_ptr() for key, buf in buffers.items()} == ptrs
-    assert all(torch.equal(a, b) for a, b in zip((out, norm, unweighted), kept))   # not overwritten
+    assert all(torch.equal(a, b) for a, b in zip((out, norm, unweighted, plain), kept))   # not overwritten
+    assert torch.equal(out, plain)                                        # observing changes nothing
+    assert bool(paired) == (path == "pairs")
     x, idx, w = first
-    out_grad, norm_grad = experts(x.clone().requires_grad_(), idx, w, want_hidden_norm=True)   # no scratch
+    out_grad, unweighted_grad, norm_grad = experts(x.clone().requires_grad_(), idx, w, observe=True)   # no scratch
     close = dict(atol=1e-5, rtol=1e-5)               # the autograd path runs no pairs: other rounding
     torch.testing.assert_close(out, out_grad.detach(), **close)
     torch.testing.assert_close(norm, norm_grad, **close)
-    torch.testing.assert_close(unweighted, experts(x.clone().requires_grad_(), idx)[0].detach(), **close)
+    torch.testing.assert_close(unweighted, unweighted_grad.detach(), **close)
 
 
 def test_scratch_is_per_thread_and_per_dtype():
     import threading
 
-    from dbrx_lab.model import Scratch
+    from dbrx_lab.kernels.experts import Scratch
 
     scratch = Scratch()
     a = scratch.get("x", (4, 8), torch.empty(0))

@@ -63,7 +63,8 @@ def test_router_logits_and_topk_choices(pair, make_ids):
             ours(ids)
     assert len(captured) == len(ref) == 2
     for layer, (mine, theirs) in enumerate(zip(captured, ref)):
-        assert mine.shape == theirs.shape == (32, 16)
+        assert mine.shape == (2, 16, 16) and theirs.shape == (32, 16)     # ours [B, T, E], HF's [B*T, E]
+        mine = mine.reshape(32, 16)                                        # row-major: the same token order
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
         top_mine, top_theirs = mine.topk(4, dim=-1).indices, theirs.topk(4, dim=-1).indices
         assert torch.equal(top_mine, top_theirs), f"layer {layer}: different experts chosen"
@@ -131,7 +132,7 @@ def test_bfloat16_close_to_hf_and_fp32(pair, hf_checkpoint, make_ids):
     clip = ours16.config.clip_qkv
     handle = ours16.blocks[0].norm_attn_norm.attn.Wqkv.register_forward_hook(lambda m, i, o: raw_qkv.append(o))
     hooks = [("blocks.0.attn.hook_v", lambda t, h: values.append(t)),
-             ("blocks.*.ffn.hook_topk_experts", lambda t, h: experts.append(t.sort(-1).values))]
+             ("blocks.*.ffn.hook_topk_experts", lambda t, h: experts.append(t.reshape(-1, t.shape[-1]).sort(-1).values))]
     try:
         with torch.no_grad(), ours16.hooks(hooks):
             out16 = ours16(ids).logits.float()

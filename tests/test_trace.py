@@ -1,5 +1,4 @@
 """Record / Trace: what run_with_trace and generate_with_trace capture, tables, save/load, budgets."""
-import copy
 import dataclasses
 import json
 import math
@@ -9,6 +8,7 @@ import torch
 
 import dbrx_lab.trace as trace_mod
 from dbrx_lab import PRESETS, DbrxLM, Record, Trace
+from dbrx_lab.hooks import scoped
 from dbrx_lab.trace import AttentionBudgetError
 
 CFG = dataclasses.replace(PRESETS["tiny"], n_layers=3)
@@ -116,25 +116,63 @@ def test_attention_selection_of_layers_heads_and_query_positions(model, ids):
     assert list(tr.attention) == [2] and tr.attention_heads == {2: list(range(H))}
 
 
-def test_recording_attention_forces_the_explicit_path_only_in_recorded_layers(model, ids, monkeypatch):
+def reference_pattern(q, k, mask=None):
+    """softmax(q k^T / sqrt(D)) by hand from hook_q [B, T, H, D] and hook_k [B, T, K, D] -> [B, H, T, T]; mask
+    [B, T] (1 real): keys at padding are masked, except for a padding query itself (it sees itself)."""
+    B, T, _, D = q.shape
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / D ** 0.5
+    allowed = torch.ones(T, T, dtype=torch.bool).tril().expand(B, 1, T, T)
+    if mask is not None:
+        allowed = allowed & mask.bool()[:, None, None, :] | torch.eye(T, dtype=torch.bool)
+    return s.masked_fill(~allowed, float("-inf")).softmax(-1).float()
+
+
+def test_recording_attention_changes_no_output_and_keeps_sdpa(model, ids, monkeypatch):
+    """Recording attention patterns computes them on the side: every layer still runs SDPA, the logits of a
+    forward and the tokens and step logits of a generation are bit-identical to unrecorded ones, and the
+    recorded pattern is the reference softmax of the layer's q and k."""
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
-    model.run_with_trace(ids, record=Record(attention=[1], experts=True, residuals=True))
-    assert len(calls) == L - 1
+    plain = model(ids).logits
+    assert len(calls) == L
     calls.clear()
-    model.generate_with_trace(ids, max_new_tokens=3, record=Record(attention=[0, 2]))
-    assert len(calls) == 3 + 1                     # prefill + 2 decode steps + the extra pass, one layer each
+    got = {}
+    with model.hooks([("blocks.1.attn.hook_q", lambda x, h: got.__setitem__("q", x.clone())),
+                      ("blocks.1.attn.hook_k", lambda x, h: got.__setitem__("k", x.clone()))]):
+        out, tr = model.run_with_trace(ids, record=Record(attention=[1], experts=True, residuals=True))
+    assert len(calls) == L                                    # SDPA in every layer, the recorded one too
+    assert torch.equal(out.logits, plain)
+    torch.testing.assert_close(tr.attention[1], reference_pattern(got["q"], got["k"]), atol=1e-5, rtol=1e-5)
+
+    calls.clear()
+    steps = []
+    ref_ids = model.generate(ids, max_new_tokens=3, streamer=steps.append)
+    assert len(calls) == 3 * L                                # prefill + 2 decode steps
+    calls.clear()
+    rec_steps = []
+    out_ids, gen = model.generate_with_trace(ids, max_new_tokens=3, record=Record(attention=[0, 2]),
+                                             on_step=lambda step, routing: rec_steps.append(step))
+    # prefill + 2 decode steps + the extra pass, and the prefill's side pass of the recorded last layer
+    assert len(calls) == 4 * L + 1
+    assert torch.equal(out_ids, ref_ids)
+    assert all(torch.equal(a.logits, b.logits) for a, b in zip(rec_steps, steps)) and len(steps) == 3
+    assert sorted(gen.attention) == [0, 2]
 
 
 def test_attention_recording_matches_the_pattern_hook_on_padded_input(model, padded):
     ids, mask = padded
     seen = {}
-    with model.hooks([("blocks.0.attn.hook_pattern", lambda x, h: seen.setdefault("p", x.clone()))]):
+    with model.hooks([("blocks.0.attn.hook_pattern", lambda x, h: seen.setdefault("p", x.clone())),
+                      ("blocks.0.attn.hook_q", lambda x, h: seen.setdefault("q", x.clone())),
+                      ("blocks.0.attn.hook_k", lambda x, h: seen.setdefault("k", x.clone()))]):
         model(ids, mask)
     _, tr = model.run_with_trace(ids, mask, record=Record(attention=[0]))
-    assert torch.equal(tr.attention[0], seen["p"])
+    assert tr.attention[0].shape == seen["p"].shape == (2, H, 8, 8)
+    torch.testing.assert_close(tr.attention[0], seen["p"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(tr.attention[0], reference_pattern(seen["q"], seen["k"], mask), atol=1e-5, rtol=1e-5)
     assert torch.all(tr.attention[0][1, :, 3:, :3] == 0)                 # real tokens never attend to padding
 
 
@@ -297,13 +335,9 @@ class ZeroTopWeight:
 def test_trace_records_routing_as_applied_after_edits(model, ids):
     _, before = model.run_with_trace(ids)
     edit = ZeroTopWeight(layer=0, small_k_layer=2)
-    for block in model.blocks:
-        block.ffn.edits.append(edit)
-    try:
+    with scoped("edits", [(block.ffn, edit) for block in model.blocks]):     # as model.intervene attaches
         _, tr = model.run_with_trace(ids)
-    finally:
-        for block in model.blocks:
-            block.ffn.edits.remove(edit)
+    assert not any(block.ffn.edits for block in model.blocks)
     assert torch.equal(tr.router_logits[0], before.router_logits[0])           # raw logits
     w = before.topk_weights[0]
     assert torch.allclose(tr.topk_weights[0], torch.cat([w[..., 1:], torch.zeros_like(w[..., :1])], -1), atol=1e-6)
@@ -414,7 +448,9 @@ def test_from_routing_builds_a_trace_from_crafted_tensors(tmp_path):
 def test_greedy_generate_with_trace_equals_one_forward_over_the_final_ids(model, padded, dtype):
     """Routing identical, every recorded float within 1e-5 (float32: GEMM rounding of one-token decode
     steps vs a full forward); in float64 the assembled trace matches to 1e-6 (float32 rounding of router data)."""
-    model = copy.deepcopy(model).to(dtype)
+    copied = DbrxLM(CFG).eval().requires_grad_(False)
+    copied.load_state_dict(model.state_dict())
+    model = copied.to(dtype)
     ids, mask = padded
     T, n = ids.shape[1], 6
     rec = Record(attention=True, experts=True, heads=[0, 3], query_positions=[0, T - 1, T + 2, T + n - 1],

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from dbrx_lab.cli import main
 from dbrx_lab.config import PRESETS
 from dbrx_lab.demo_data import Corpus
-from dbrx_lab.model import DbrxLM
+from dbrx_lab import DbrxLM
 from dbrx_lab.train import (TrainConfig, VocabShortlist, final_hidden, load_balancing_loss, router_z_loss,
                             train, training_loss)
 

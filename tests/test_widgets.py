@@ -294,6 +294,65 @@ def test_ablation_lab_streams_and_stops_in_the_background(model):
     assert not lab.generate_button.disabled and lab.stop_button.disabled
 
 
+def test_ablation_lab_background_generation_never_touches_foreground_calls(model):
+    experts, n = {0: [1, 2, 3, 4], 1: [5, 6]}, 8
+    ids = torch.tensor([model.tokenizer.encode(PROMPT)])
+    T = ids.shape[1]
+    ivs = [dbrx_lab.ExpertAblation(l, es, mode="reroute") for l, es in experts.items()]
+    with torch.no_grad():
+        plain = model(ids).logits
+        with model.intervene(*ivs):
+            ablated = model(ids).logits
+            ablated_gen = model.generate(ids, max_new_tokens=n)
+    assert not torch.equal(plain, ablated)
+    plain_gen = model.generate(ids, max_new_tokens=n)
+    _, plain_trace = model.run_with_trace(ids, record=Record(router=True))
+
+    lab = AblationLab(model, prompt=PROMPT, experts=experts, max_new_tokens=n)
+    held, release = threading.Event(), threading.Event()
+
+    def hold(change):       # runs in the lab's worker, inside its intervene block, after 2 ablated tokens
+        if change["new"].count('class="gen') >= 2 and not held.is_set():
+            held.set()
+            release.wait(60)
+
+    lab.ablated_text.observe(hold, "value")
+    lab.generate_button.click()
+    try:
+        assert held.wait(60), "the lab should stream ablated tokens"
+        assert lab.busy
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, plain), "the foreground sees the lab's ablation"
+        assert not model.active_interventions()
+        assert torch.equal(model.generate(ids, max_new_tokens=n), plain_gen)
+        _, trace = model.run_with_trace(ids, record=Record(router=True))
+        assert torch.equal(trace.topk_experts, plain_trace.topk_experts)
+        # another widget runs the model meanwhile: no ablation, and no waiting for the lab
+        box = {}
+        other = threading.Thread(target=lambda: box.update(ex=RoutingExplorer(model, prompt=PROMPT,
+                                                                              background=False)))
+        other.start()
+        other.join(30)
+        assert not other.is_alive(), "a widget's run waited for the lab's generation"
+        assert box["ex"].last_error is None
+        assert torch.equal(box["ex"].trace.topk_weights, plain_trace.topk_weights)
+        assert lab.busy                                                 # the lab still holds in the middle
+    finally:
+        release.set()
+    lab.wait(60)
+    assert not lab.busy and lab.last_error is None, lab.error.value
+    res = lab.result
+    assert res.ablated_ids.tolist() == ablated_gen[0, T:].tolist()     # = the ablated generation run alone
+    assert res.baseline_ids.tolist() == plain_gen[0, T:].tolist()
+    assert res.first_divergence is not None
+    ref = analysis.compare_generations(model, ids[0].tolist(), ivs, max_new_tokens=n, seed=0)
+    assert res.ablated_ids.tolist() == ref.ablated_ids.tolist()
+    pd.testing.assert_frame_equal(res.per_step, ref.per_step)
+    pd.testing.assert_frame_equal(res.cascade, ref.cascade)
+    with torch.no_grad():
+        assert not model.active_interventions() and torch.equal(model(ids).logits, plain)
+
+
 def test_ablation_lab_chat_prompt_uses_the_template(model):
     lab = AblationLab(model, prompt="hi", experts={0: [0]}, chat=True, max_new_tokens=2, background=False)
     ids = lab._prompt_ids()

@@ -93,7 +93,7 @@ def logit_attribution(model, input_ids, target: int | str | None = None, positio
 
     def keep(name: str):
         def fn(x: torch.Tensor, hook) -> None:
-            flat = x if ".ffn." in name else x.reshape(B * T, *x.shape[2:])               # [N, ...]
+            flat = x.reshape(B * T, *x.shape[2:])                                       # [N, ...]
             kept[name] = flat[rows.to(flat.device)].detach().float().cpu()
         return fn
 
@@ -115,7 +115,8 @@ def logit_attribution(model, input_ids, target: int | str | None = None, positio
     x = kept[f"blocks.{L - 1}.hook_resid_post"]                                         # [S, d]
     norm_f = model.transformer.norm_f
     scale = (x.var(-1, unbiased=False, keepdim=True) + norm_f.eps).rsqrt()            # [S, 1]
-    direction = norm_f.weight.float().cpu() * model.lm_head.weight[targets.to(model.device)].float().cpu()
+    unembed = _weight(model.lm_head)                                                    # [V, d]
+    direction = _weight(norm_f).float().cpu() * unembed[targets.to(unembed.device)].float().cpu()
 
     def contribution(c: torch.Tensor) -> torch.Tensor:
         """c [S, ..., d] -> [S, ...] logit units."""
@@ -149,6 +150,22 @@ def logit_attribution(model, input_ids, target: int | str | None = None, positio
     totals["attributed"] = totals[["embed", "attn", "experts"]].sum(1)
     totals["error"] = totals["logit"] - totals["attributed"]
     return LogitAttribution(components, totals)
+
+
+def _weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor:
+    """A parameter's value, also when accelerate offloaded the module (the parameter is then on meta and its
+    value in the module's AlignDevicesHook weights_map). Read-only: the module and its hooks are untouched,
+    so this is safe while another thread runs the model."""
+    param = getattr(module, name)
+    if param.device.type != "meta":
+        return param.detach()
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or [hook]:                                 # SequentialHook or one hook
+        weights_map = getattr(h, "weights_map", None)
+        if weights_map is not None and getattr(h, "offload", False):
+            return weights_map[name].to(param.dtype)
+    raise ValueError(f"{type(module).__name__}.{name} is on the meta device and no accelerate hook holds its "
+                     f"value: the model was built empty and never loaded")
 
 
 def _rows(batch, position, component: str, layer: int, experts: np.ndarray, weights: np.ndarray,

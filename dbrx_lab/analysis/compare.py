@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from ..generation import prepare_prompt
+from ..hooks import suspended
 from ..trace import Record, run_with_trace
 from .routing import set_overlap
 
@@ -56,15 +57,9 @@ class GenerationComparison:
 @contextlib.contextmanager
 def _without_interventions(model) -> Iterator[None]:
     """Detach every attached intervention for the block, keeping their state (e.g. HeadAblation means)."""
-    lists = [lst for b in model.transformer.blocks for lst in (b.ffn.edits, b.norm_attn_norm.attn.edits)]
-    saved = [list(lst) for lst in lists]
-    for lst in lists:
-        lst.clear()
-    try:
+    owners = [m for b in model.transformer.blocks for m in (b.ffn, b.norm_attn_norm.attn)]
+    with suspended("edits", owners):
         yield
-    finally:
-        for lst, items in zip(lists, saved):
-            lst[:] = items
 
 
 def _teacher_forced(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

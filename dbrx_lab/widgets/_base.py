@@ -4,16 +4,22 @@ and a background worker (so a Stop button stays clickable while the model runs).
 A widget is a plain object whose `ui` (an ipywidgets box) is what a notebook shows; displaying the object
 displays `ui`. Callbacks never raise into the kernel log (a "dead button"): every handler runs through
 `_guard`, which puts the error in the widget's error area and keeps it in `last_error`.
+
+Widgets share the model with the notebook's own cells without a lock of their own: hooks, interventions and
+recorders belong to the thread (context) that attached them, so the interventions a widget's background
+work attaches (AblationLab's ablated generation) apply to that work only, and cells and other widgets
+running the same model meanwhile see none of them, and don't wait for it. (Calls on an
+accelerate-dispatched model take turns by the model's own lock, one forward at a time.)
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import html
 import json
 import threading
 import traceback
-import weakref
 from typing import Any, Callable
 
 import ipywidgets as W
@@ -23,8 +29,8 @@ import plotly.io as pio
 from ..figures import MONO, expert_color, readable_token, text_color
 from ..trace import run_with_trace
 
-__all__ = ["LabWidget", "PromptTraceWidget", "FigurePane", "ClickableFigure", "model_lock", "prompt_input",
-           "figure_bundle", "fit_width", "token_html", "expert_chip"]
+__all__ = ["LabWidget", "PromptTraceWidget", "FigurePane", "ClickableFigure", "prompt_input", "figure_bundle",
+           "fit_width", "token_html", "expert_chip"]
 
 ACCENT = "#2F3E55"
 SELECTED = "#CA0020"          # outline of the selected cell / row in clickable figures
@@ -67,21 +73,6 @@ STYLE = f"""<style>
   font-family: {MONO}; font-size: 13px; white-space: pre; }}
 .dbrx-lab .widget-html-content {{ white-space: normal; }}
 </style>"""
-
-
-# --- per-model lock ---------------------------------------------------------------------------------
-_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model) -> threading.Lock:
-    """One lock per model: widgets never run the same model from two threads at once (interventions are
-    attached to the model while a widget generates, so concurrent runs would see each other's edits)."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = threading.Lock()
-        return lock
 
 
 def prompt_input(text: str, chat: bool):
@@ -192,6 +183,9 @@ class LabWidget:
 
     background: run long work in a thread (the notebook stays responsive, Stop works); False runs it in
     the caller (tests, scripts). `wait()` blocks until the current work is done; `busy` tells if it runs.
+    Background work runs in a fresh context: it sees no hook or intervention of the caller's `with` blocks,
+    and the ones it attaches never reach the caller's calls (with background=False the work is one of the
+    caller's calls, inside whatever blocks the caller is in).
     """
 
     def __init__(self, background: bool = True) -> None:
@@ -289,7 +283,9 @@ class LabWidget:
                     self._guard(on_exit, context)()
 
         if self.background:
-            self._thread = threading.Thread(target=run, name=f"dbrx-lab {type(self).__name__}", daemon=True)
+            # an empty context, whatever the Python version's default for new threads (3.14 can inherit one)
+            self._thread = threading.Thread(target=contextvars.Context().run, args=(run,),
+                                            name=f"dbrx-lab {type(self).__name__}", daemon=True)
             self._thread.start()
         else:
             run()
@@ -347,8 +343,7 @@ class PromptTraceWidget(LabWidget):
         if not text.strip():
             raise ValueError("the prompt is empty: type some text")
         self.set_status(self.running_message, (0, 1))
-        with model_lock(self.model):
-            _, trace = run_with_trace(self.model, prompt_input(text, self.chat.value), record=self.record())
+        _, trace = run_with_trace(self.model, prompt_input(text, self.chat.value), record=self.record())
         self.batch = 0
         self.set_trace(trace)
         self.set_status(self.describe(trace))

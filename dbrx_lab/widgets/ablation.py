@@ -13,7 +13,7 @@ import torch
 from .. import analysis, figures
 from ..interventions import ExpertAblation
 from ..trace import Record, run_with_trace
-from ._base import FigurePane, LabWidget, model_lock, prompt_input
+from ._base import FigurePane, LabWidget, prompt_input
 
 __all__ = ["AblationLab"]
 
@@ -41,9 +41,11 @@ class AblationLab(LabWidget):
     model: a DbrxLM with a tokenizer; experts: the initial selection {layer: [experts]}, or "suggest" (the
     default: the `n_suggest` (layer, expert) cells whose ablation moves the next-token distribution most,
     so the demo shows a divergence; see `suggest`), or None (nothing selected).
-    While a generation runs the model carries the ablation: don't use the same model in other cells until
-    it finishes (other dbrx-lab widgets wait for it). On a large model pass experts=None (or a selection):
-    a suggestion costs up to 33 forward passes of the prompt.
+    The ablation applies only to the lab's own generation: it is attached inside the background thread
+    that generates, so other cells and widgets can use the same model meanwhile, see no ablation and don't
+    wait for the lab (on an accelerate-dispatched model, calls take turns forward by forward: the model's
+    lock). On a large model pass experts=None (or a selection): a suggestion costs up to 33 forward passes
+    of the prompt.
     State: `selection` {layer: [experts]}, `interventions()`, `result` (the last GenerationComparison).
     """
 
@@ -226,19 +228,18 @@ class AblationLab(LabWidget):
             raise ValueError("the prompt is empty: type a prompt first")
         ids = torch.tensor([self._prompt_ids()])
         mode = self.mode.value
-        with model_lock(self.model):
-            self.set_status("tracing the prompt…", (0, 1))
-            out, trace = run_with_trace(self.model, ids, record=Record(router=True), last_only=True)
-            base = out.logits[0, -1].float().log_softmax(-1)
-            experts, weights = trace.topk_experts[:, 0, -1], trace.topk_weights[:, 0, -1]      # [L, k]
-            cells = sorted(((float(w), l, int(e)) for l in range(experts.shape[0])
-                            for e, w in zip(experts[l].tolist(), weights[l].tolist()) if e >= 0), reverse=True)
-            scores = []
-            for i, (_, l, e) in enumerate(cells[:max_candidates]):
-                self.set_status(f"trying layer {l} expert {e}…", (i, min(len(cells), max_candidates)))
-                with self.model.intervene(ExpertAblation(l, [e], mode=mode)):
-                    abl = self.model(ids, last_only=True).logits[0, -1].float().log_softmax(-1)
-                scores.append((float((base.exp() * (base - abl)).sum()), l, e))
+        self.set_status("tracing the prompt…", (0, 1))
+        out, trace = run_with_trace(self.model, ids, record=Record(router=True), last_only=True)
+        base = out.logits[0, -1].float().log_softmax(-1)
+        experts, weights = trace.topk_experts[:, 0, -1], trace.topk_weights[:, 0, -1]      # [L, k]
+        cells = sorted(((float(w), l, int(e)) for l in range(experts.shape[0])
+                        for e, w in zip(experts[l].tolist(), weights[l].tolist()) if e >= 0), reverse=True)
+        scores = []
+        for i, (_, l, e) in enumerate(cells[:max_candidates]):
+            self.set_status(f"trying layer {l} expert {e}…", (i, min(len(cells), max_candidates)))
+            with self.model.intervene(ExpertAblation(l, [e], mode=mode)):
+                abl = self.model(ids, last_only=True).logits[0, -1].float().log_softmax(-1)
+            scores.append((float((base.exp() * (base - abl)).sum()), l, e))
         best = sorted(scores, reverse=True)[:self.n_suggest]
         chosen: dict[int, list[int]] = {}
         for _, l, e in best:
@@ -327,25 +328,20 @@ class AblationLab(LabWidget):
 
     def _generate_now(self, ids: list[int], ivs: list[ExpertAblation], kwargs: dict) -> None:
         n = kwargs["max_new_tokens"]
-        lock = model_lock(self.model)
-        if not lock.acquire(blocking=False):
-            self.set_status("waiting for the model (another widget is using it)…", (0, 2 * n))
-            lock.acquire()
-        try:
-            self.set_status("generating…", (0, 2 * n))
-            done = [0]
+        self.set_status("generating…", (0, 2 * n))
+        done = [0]
 
-            def on_step(step) -> None:
-                self._pieces[step.branch].append(self.model.tokenizer.decode([step.token_id]))
-                done[0] += 1
-                if step.branch == "ablated" or done[0] % 2 == 0:
-                    self._render_texts(running=True)
-                self.set_status(f"generating… token {step.index + 1} of {n}", (done[0], 2 * n))
+        def on_step(step) -> None:
+            self._pieces[step.branch].append(self.model.tokenizer.decode([step.token_id]))
+            done[0] += 1
+            if step.branch == "ablated" or done[0] % 2 == 0:
+                self._render_texts(running=True)
+            self.set_status(f"generating… token {step.index + 1} of {n}", (done[0], 2 * n))
 
-            result = analysis.compare_generations(self.model, ids, ivs, on_step=on_step, stop=self._stop.is_set,
-                                                  **kwargs)
-        finally:
-            lock.release()
+        # compare_generations enters model.intervene(*ivs) here, in the worker thread (background=True): the
+        # ablation is attached in this thread's context only, never in the caller's
+        result = analysis.compare_generations(self.model, ids, ivs, on_step=on_step, stop=self._stop.is_set,
+                                              **kwargs)
         self.result = result
         self._render_texts()
         self.set_status("drawing…", (1, 1))

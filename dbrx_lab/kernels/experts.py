@@ -1,0 +1,285 @@
+"""Experts kernels: y = sum_k w_k GLU_{e_k}(x) computed faster than `model.reference_experts`, same order of sums.
+
+Every kernel computes each routed (token, expert) pair's unweighted output, multiplies it by its weight and
+adds a token's k outputs in ascending expert order (0 + y_a + y_b + ...), as the reference does; with
+`observe` it also returns the unweighted outputs and GLU hidden norms it computed anyway, without changing
+how the output is computed (so observing never changes the result).
+
+"grouped": rows gathered once sorted by expert, one GLU per expert hit, fixed-order combine (any device;
+    deterministic: no atomic adds).
+"cpu": the tuned CPU path (benchmarks/README.md): temporaries in reusable per-thread buffers, experts of
+    similar size two at a time in one bmm, a balanced routing as one bmm over zero-padded blocks, a single
+    token's experts in pairs.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from .linear import SPLIT_MAX_ROWS, linear
+from .registry import EXPERTS
+
+PAIR_MAX_ROWS = 128     # experts with at most this many rows may run two at a time (_groups)
+
+
+def expert_rows(mlp, e: int) -> slice:
+    return slice(e * mlp.ffn, (e + 1) * mlp.ffn)
+
+
+def _sorted_rows(x: torch.Tensor, experts: torch.Tensor):
+    """-> (flat [N*k], order [N*k] pairs sorted by expert (stable), token_of [N*k], counts [E] list)."""
+    k = experts.shape[1]
+    flat = experts.reshape(-1)                                                 # [N*k] pair = (token, rank)
+    order = flat.argsort(stable=True)
+    return flat, order, order // k
+
+
+def _unsort(ys: torch.Tensor, order: torch.Tensor, N: int, k: int) -> torch.Tensor:
+    """Rows sorted by expert [N*k, ...] -> [N, k, ...] in (token, rank) order."""
+    return ys.new_empty(ys.shape).index_copy_(0, order, ys).view(N, k, *ys.shape[1:])
+
+
+def combine_in_expert_order(y: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """y [N, k, d] weighted outputs, experts [N, k] -> sum over k, each token's in ascending expert order."""
+    N, k, d = y.shape
+    by_expert = experts.argsort(dim=-1, stable=True)                            # [N, k]
+    y = y.gather(1, by_expert[..., None].expand(N, k, d))
+    out = torch.zeros_like(y[:, 0])
+    for j in range(k):
+        out += y[:, j]
+    return out
+
+
+@EXPERTS.register("grouped")
+def grouped_experts(mlp, x, experts, weights, observe=False):
+    """One GLU per expert over its rows (gathered once, sorted by expert); a fixed-order combine."""
+    N, k = experts.shape
+    E, d = mlp.n_experts, x.shape[1]
+    flat, order, token_of = _sorted_rows(x, experts)
+    counts = torch.bincount(flat, minlength=E).tolist()                         # the one host sync per layer
+    xs = x.index_select(0, token_of)                                            # [N*k, d]
+    ys = torch.empty_like(xs)
+    hidden = xs.new_empty(N * k, dtype=torch.float32) if observe else None
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            rows = slice(start, start + n)
+            w = expert_rows(mlp, e)
+            h = F.silu(xs[rows] @ mlp.w1[w].T) * (xs[rows] @ mlp.v1[w].T)
+            ys[rows] = h @ mlp.w2[w]
+            if observe:
+                hidden[rows] = h.float().norm(dim=-1)
+            start += n
+    y = _unsort(ys, order, N, k)                                                # [N, k, d] unweighted
+    out = combine_in_expert_order(y * weights[..., None], experts)
+    if not observe:
+        return out, None, None
+    return out, y, _unsort(hidden, order, N, k)
+
+
+# ------------------------------------------------------------------------------------------------
+class Scratch(threading.local):
+    """Buffers reused from call to call (one set per thread) for the CPU kernel's large temporaries when no
+    gradient is recorded: glibc maps and unmaps large blocks anew, and the page faults cost ~7% of a CPU
+    prefill (benchmarks/README.md). A buffer grows to the largest size asked for and is kept until `clear()`;
+    only the CPU kernel uses it (accelerators have their own caching allocators)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised contiguous tensor of `shape` with like's dtype and device; the same memory as
+        the previous `get` of `name` for that dtype and device (whose contents it may hold)."""
+        n, key = math.prod(shape), (name, like.dtype, like.device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[key] = like.new_empty(n)
+        return buf[:n].view(shape)
+
+    def clear(self) -> None:
+        self.buffers.clear()
+
+
+SCRATCH = Scratch()
+
+
+def scratch_out(scratch: Scratch | None, name: str, shape: tuple[int, ...], like: torch.Tensor):
+    """`scratch.get(name, shape, like)`, or None (the op allocates its output) without scratch."""
+    return None if scratch is None else scratch.get(name, shape, like)
+
+
+def scratch_tensor(scratch: Scratch | None, name: str, shape: tuple[int, ...], like: torch.Tensor,
+                   zero: bool = False) -> torch.Tensor:
+    """`scratch.get(name, shape, like)`, or a new tensor without scratch; zero-filled if `zero`."""
+    t = like.new_empty(shape) if scratch is None else scratch.get(name, shape, like)
+    return t.zero_() if zero else t
+
+
+def padded_rows_ok(experts: int, m: int, routed: int) -> bool:
+    """Whether running all `experts` on m rows each (zero rows filling the gaps) is worth it for `routed`
+    (token, expert) pairs: with m <= 32 the products are bound by reading the weights, so up to 2.5x
+    padding pays; beyond, up to 1.5x (measured; benchmarks/README.md)."""
+    return routed >= 2 * experts and experts * m <= (2.5 if m <= 32 else 1.5) * routed
+
+
+def contiguous_weights(mlp) -> bool:
+    """Whether w1, v1, w2 are contiguous, so [G, F, d] views of experts' rows exist."""
+    return mlp.w1.is_contiguous() and mlp.v1.is_contiguous() and mlp.w2.is_contiguous()
+
+
+def glu_bmm(x, w1, v1, w2, scratch: Scratch | None):
+    """x [G, m, d], w1, v1, w2 [G, F, d] -> (outputs [G, m, d], GLU hiddens [G, m, F])."""
+    G, m, Fh, d = x.shape[0], x.shape[1], w1.shape[1], x.shape[2]
+    h = F.silu(torch.bmm(x, w1.transpose(1, 2), out=scratch_out(scratch, "glu_a", (G, m, Fh), x)), inplace=True)
+    h = h.mul_(torch.bmm(x, v1.transpose(1, 2), out=scratch_out(scratch, "glu_b", (G, m, Fh), x)))
+    return torch.bmm(h, w2, out=scratch_out(scratch, "glu_y", (G, m, d), x)), h
+
+
+def expert_pair(mlp, x: torch.Tensor, a: int, b: int, scratch: Scratch | None = None):
+    """x [2, m, d]: m rows for expert a and m for expert b (a <= b) -> (outputs [2, m, d], hiddens [2, m, F]).
+    Expert b's rows lie a fixed stride after a's, so each weight gives a [2, F, d] view and each product is
+    one bmm, which torch runs on two threads, one expert each."""
+    Fh, d = mlp.ffn, x.shape[2]
+
+    def pair(w: torch.Tensor) -> torch.Tensor:                                # [2, F, d]
+        return w.as_strided((2, Fh, d), ((b - a) * Fh * d, d, 1), w.storage_offset() + a * Fh * d)
+
+    if x.shape[1] == 1:                        # matrix-vector: weight @ x streams the weights faster
+        xT = x.transpose(1, 2)                                                 # [2, d, 1]
+        h = F.silu(torch.bmm(pair(mlp.w1), xT), inplace=True).mul_(torch.bmm(pair(mlp.v1), xT))
+        h = h.transpose(1, 2)                                                  # [2, 1, F]
+        return torch.bmm(h, pair(mlp.w2)), h
+    return glu_bmm(x, pair(mlp.w1), pair(mlp.v1), pair(mlp.w2), scratch)
+
+
+def one_expert(mlp, x: torch.Tensor, e: int, scratch: Scratch | None = None, out: torch.Tensor | None = None):
+    """x [n, d] through expert e -> (output [n, d], GLU hidden [n, F]); with `scratch` the GLU products are
+    its buffers and the output is written to `out`."""
+    rows = expert_rows(mlp, e)
+    if scratch is None:
+        h = F.silu(linear(x, mlp.w1[rows]), inplace=True).mul_(linear(x, mlp.v1[rows]))     # [n, F]
+        return linear(h, mlp.w2[rows].T), h
+    shape = (x.shape[0], mlp.ffn)
+    h = F.silu(torch.mm(x, mlp.w1[rows].T, out=scratch.get("glu_a", shape, x)), inplace=True)
+    h.mul_(torch.mm(x, mlp.v1[rows].T, out=scratch.get("glu_b", shape, x)))
+    return torch.mm(h, mlp.w2[rows], out=out), h
+
+
+def _pairs_pay(mlp, x: torch.Tensor) -> bool:
+    """Two experts at a time pay on a multi-threaded CPU, without autograd, with contiguous weights."""
+    return x.is_cpu and torch.get_num_threads() > 1 and not x.requires_grad and contiguous_weights(mlp)
+
+
+def _groups(mlp, n_of: list[int], x: torch.Tensor) -> list[tuple[int, ...]]:
+    """The experts that got rows, alone or in pairs (a, b), a < b: on a multi-threaded CPU experts sorted by
+    row count pair up when both have <= PAIR_MAX_ROWS rows and the smaller has at least half the rows of the
+    larger (measured 1.3-1.6x at 16-128 rows; benchmarks/README.md)."""
+    hit = sorted((e for e, n in enumerate(n_of) if n), key=lambda e: -n_of[e])
+    if not _pairs_pay(mlp, x):
+        return [(e,) for e in sorted(hit)]
+    groups, i = [], 0
+    while i < len(hit):
+        if i + 1 < len(hit) and n_of[hit[i]] <= PAIR_MAX_ROWS and 2 * n_of[hit[i + 1]] >= n_of[hit[i]]:
+            groups.append(tuple(sorted(hit[i:i + 2])))
+            i += 2
+        else:
+            groups.append((hit[i],))
+            i += 1
+    return groups
+
+
+def _grouped_rows(mlp, xs: torch.Tensor, n_of: list[int], scratch: Scratch | None, hidden: torch.Tensor | None):
+    """xs [P, d] rows sorted by expert (n_of[e] for expert e) -> unweighted outputs [P, d] in the same order;
+    fills hidden [P] (GLU hidden norms) if given."""
+    rows_of = [slice(s - n, s) for s, n in zip(itertools.accumulate(n_of), n_of)]
+    ys = scratch_tensor(scratch, "moe_y", tuple(xs.shape), xs)
+    for group in _groups(mlp, n_of, xs):
+        if len(group) == 1:
+            e, rows = group[0], rows_of[group[0]]
+            if scratch is not None and n_of[e] > SPLIT_MAX_ROWS:
+                _, h = one_expert(mlp, xs[rows], e, scratch, out=ys[rows])
+            else:
+                ys[rows], h = one_expert(mlp, xs[rows], e)
+            if hidden is not None:
+                hidden[rows] = h.float().norm(dim=-1)
+            continue
+        a, b = group
+        na, nb = n_of[a], n_of[b]
+        pad = scratch_tensor(scratch, "moe_pad", (2, max(na, nb), xs.shape[1]), xs, zero=True)
+        pad[0, :na], pad[1, :nb] = xs[rows_of[a]], xs[rows_of[b]]
+        y, h = expert_pair(mlp, pad, a, b, scratch)                            # [2, m, d], [2, m, F]
+        ys[rows_of[a]], ys[rows_of[b]] = y[0, :na], y[1, :nb]
+        if hidden is not None:
+            hidden[rows_of[a]] = h[0, :na].float().norm(dim=-1)
+            hidden[rows_of[b]] = h[1, :nb].float().norm(dim=-1)
+    return ys
+
+
+def _one_token(mlp, x, chosen: list[int], weights, observe: bool):
+    """One token x [1, d]: its experts in ascending order, two at a time through `expert_pair` (an odd k pairs
+    the last with itself, its copy dropped); outputs weighted and added in ascending expert order."""
+    k = len(chosen)
+    slots = sorted(range(k), key=chosen.__getitem__)                          # slots by expert id
+    padded = slots + slots[-1:] if k % 2 else slots
+    xs = x.expand(2, 1, x.shape[1])
+    ys, hs = [], []
+    for p in range(0, len(padded), 2):
+        y, h = expert_pair(mlp, xs, chosen[padded[p]], chosen[padded[p + 1]])   # [2, 1, d], [2, 1, F]
+        ys += [y[0], y[1]]
+        hs += [h[0], h[1]]
+    w = weights[0]
+    out = torch.zeros_like(x)
+    for i, slot in enumerate(slots):
+        out += ys[i] * w[slot]
+    if not observe:
+        return out, None, None
+    where = [slots.index(s) for s in range(k)]                                # row of each slot
+    y = torch.cat(ys)[where][None]                                             # [1, k, d]
+    hidden = torch.linalg.vector_norm(torch.cat(hs)[where].float(), dim=-1)[None]
+    return out, y, hidden
+
+
+@EXPERTS.register("cpu")
+def cpu_experts(mlp, x, experts, weights, observe=False):
+    """The tuned CPU path (module docstring); any device works, the speed-ups are for CPUs."""
+    N, k = experts.shape
+    if N == 1 and k > 1 and _pairs_pay(mlp, x):
+        return _one_token(mlp, x, experts[0].tolist(), weights, observe)
+    E, d = mlp.n_experts, x.shape[1]
+    grad = torch.is_grad_enabled() and (x.requires_grad or mlp.w1.requires_grad)
+    scratch = None if grad or not x.is_cpu else SCRATCH
+    flat, order, token_of = _sorted_rows(x, experts)
+    counts = torch.bincount(flat, minlength=E)                                 # [E]
+    xs = torch.index_select(x, 0, token_of, out=scratch_out(scratch, "moe_x", (N * k, d), x))
+    hidden = None
+    m = int(counts.max())
+    if padded_rows_ok(E, m, N * k) and contiguous_weights(mlp):
+        expert_of = flat[order]                                                # [N*k] sorted
+        row = expert_of * m + torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[expert_of]
+        xp = scratch_tensor(scratch, "moe_pad", (E * m, d), x, zero=True)
+        xp.index_copy_(0, row, xs)
+        w1, v1, w2 = (w.view(E, mlp.ffn, d) for w in (mlp.w1, mlp.v1, mlp.w2))
+        y, h = glu_bmm(xp.view(E, m, d), w1, v1, w2, scratch)                  # [E, m, d], [E, m, F]
+        ys = torch.index_select(y.view(E * m, d), 0, row, out=scratch_out(scratch, "moe_y", (N * k, d), x))
+        if observe:
+            hidden = h.view(E * m, -1).index_select(0, row).float().norm(dim=-1)
+    else:
+        if observe:
+            hidden = x.new_empty(N * k, dtype=torch.float32)
+        ys = _grouped_rows(mlp, xs, counts.tolist(), scratch, hidden)
+    unweighted = _unsort(ys, order, N, k) if observe else None                 # a copy: ys is scaled next
+    ys.mul_(weights.reshape(-1)[order, None])
+    # rows are sorted by expert, so index_add adds a token's outputs in ascending expert order
+    out = x.new_zeros(N, d).index_add_(0, token_of, ys)
+    return out, unweighted, None if hidden is None else _unsort(hidden, order, N, k)
+
+
+def _choose(mlp, x: torch.Tensor) -> str:
+    return "cpu" if x.is_cpu else "grouped"
+
+
+EXPERTS.chooser = _choose
