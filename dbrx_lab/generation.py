@@ -195,7 +195,7 @@ def stream(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, attention_mask=
         if mask is not None:
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
         out = model(tokens[:, None], mask, cache=cache, start=pos, last_only=True, validate=False,
-                    greedy_screen=None if done else screen)
+                    greedy_screen=screen)
         logits = out.logits[:, -1].float()
         if done:
             return

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 __all__ = ["HookPoint", "ForwardContext", "HookFn", "HookedMixin", "Scope", "current_scope", "scoped",
-           "current_call", "edited", "suspended"]
+           "current_call", "edited", "suspended", "version"]
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], Union[torch.Tensor, None]]
 
@@ -133,12 +133,13 @@ class ForwardContext:
             self.positions, self.columns, self.side = saved
 
 
-_NO_CALL = ForwardContext()
-_CALL: contextvars.ContextVar[ForwardContext] = contextvars.ContextVar("dbrx_lab_call", default=_NO_CALL)
+_CALL: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("dbrx_lab_call", default=None)
 
 
 def current_call() -> ForwardContext:
-    return _CALL.get()
+    """The ForwardContext of the model call running in this context (a fresh, empty one outside a call)."""
+    ctx = _CALL.get()
+    return ForwardContext() if ctx is None else ctx
 
 
 @contextlib.contextmanager
@@ -150,9 +151,15 @@ def call_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
         _CALL.reset(token)
 
 
+def version(t: torch.Tensor) -> int:
+    """t's version counter (moves on in-place writes); -1 for inference tensors, which have none."""
+    return -1 if t.is_inference() else t._version
+
+
 def edited(before: torch.Tensor, version: int, after: torch.Tensor) -> bool:
-    """Whether a hook changed a tensor: returned another one, or wrote into it (its version counter moved)."""
-    return after is not before or before._version != version
+    """Whether a hook changed a tensor: returned another one, or wrote into it (its version counter moved;
+    under torch.inference_mode only a returned tensor counts)."""
+    return after is not before or (version >= 0 and before._version != version)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,7 +184,7 @@ class HookPoint(nn.Module):
 
     @property
     def ctx(self) -> ForwardContext:
-        return _CALL.get()
+        return current_call()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # bypasses nn.Module.__call__ on purpose
         fns = _SCOPE.get().fns.get(self)

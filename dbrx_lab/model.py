@@ -25,6 +25,7 @@ from torch.nn.modules import module as torch_module
 
 from .config import DbrxConfig
 from .hooks import ForwardContext, HookedMixin, HookPoint, call_context, current_call, current_scope, edited
+from .hooks import version as tensor_version
 from .kernels import ATTENTION, EXPERTS, LINEAR
 from .kernels.unembed import UnembedScreen
 
@@ -220,11 +221,11 @@ class Attention(nn.Module):
         if not (scope.fns.get(self.hook_scores) or scope.fns.get(self.hook_pattern)):
             return z
         scores = attention_scores(q, k, mask)
-        version = scores._version
+        version = tensor_version(scores)
         hooked = self.hook_scores(scores)
         change = edited(scores, version, hooked)
         pattern = softmax_pattern(hooked)
-        version = pattern._version
+        version = tensor_version(pattern)
         hooked = self.hook_pattern(pattern)
         change = change or edited(pattern, version, hooked)
         return attend(hooked, v) if change else z
@@ -387,7 +388,7 @@ class MoE(nn.Module):
         if observe:                                    # values the kernel computed anyway; out unchanged
             self.hook_expert_hidden_norm(hidden_norm.view(B, T, -1))
             outs = outs.view(B, T, -1, d)
-            version = outs._version
+            version = tensor_version(outs)
             hooked = self.hook_expert_out(outs)
             if edited(outs, version, hooked):
                 out = weighted_sum(hooked.reshape(B * T, -1, d), experts, weights)
@@ -434,15 +435,17 @@ class Transformer(nn.Module):
                 router_logits: list | None = None):
         """input_ids [B, T] -> final hidden states [B, T, d] ([B, 1, d] with last_only).
 
-        last_only computes the last block for the last token only (the cache still gets every token). When
-        something observes that block, a side pass computes it for the other tokens too, for the observers
+        last_only computes the last block for the last token only (the cache still gets every token), unless
+        an intervention edits that block (HeadAblation's mean needs every prompt token). When something
+        observes that block, a side pass computes it for the other tokens too, for the observers
         only (a cache view that writes nothing), so the output is computed exactly as without observers.
         """
         x = self.hook_embed(self.wte(input_ids))                                   # [B, T, d]
         T, last = x.shape[1], len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache[i]
-            prune = last_only and T > 1 and i == last and router_logits is None
+            prune = (last_only and T > 1 and i == last and router_logits is None
+                     and not (block.ffn.edits or block.norm_attn_norm.attn.edits))   # e.g. a prompt's mean z
             if prune and block.observed():
                 with current_call().side_pass(0, T - 1):
                     block(x[:, :-1], tuple(r[:, :-1] for r in rope), None if mask is None else mask[:, :, :-1, :-1],
@@ -504,6 +507,16 @@ class DbrxModel(HookedMixin, nn.Module):
         self.execution_device: torch.device | None = None   # accelerate's main device when dispatched
         self._lock = threading.RLock()      # serializes calls on a dispatched model (accelerate swaps weights)
         self.reset_parameters()
+
+    def __getstate__(self) -> dict:
+        """For copy.deepcopy and pickle: the lock is not copied (a copy gets its own)."""
+        state = super().__getstate__()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     def _dim_sizes(self) -> dict[str, int]:
         c = self.config

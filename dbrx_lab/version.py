@@ -1,1 +1,2 @@
-__version__ = "0.1.0"
+"""The package version (one place; pyproject.toml states the same)."""
+__version__ = "0.2.0"

@@ -42,7 +42,7 @@ from dbrx_lab import (PRESETS, DbrxLM, ExpertAblation, ExpertForce, ExpertScale,
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (bash scripts/gpu_tier.sh on a GPU machine)")]
-needs_bf16 = pytest.mark.skipif(not (HAS_CUDA and torch.cuda.is_bf16_supported()),
+needs_bf16 = pytest.mark.skipif(HAS_CUDA and not torch.cuda.is_bf16_supported(),
                                 reason="this GPU has no bfloat16 support")
 
 GPU = torch.device("cuda", 0)
