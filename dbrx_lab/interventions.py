@@ -95,6 +95,7 @@ class Intervention:
     """
 
     site = "ffn"
+    needs_every_token = False       # True: a pruned prefill must still run its layers for every prompt token
 
     def __init__(self, layer: LayerSpec = "all", positions: IntSpec | None = None) -> None:
         self.layer = _ints("layer", layer, allow_all=True)
@@ -359,6 +360,7 @@ class HeadAblation(Intervention):
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         self.mode = mode
+        self.needs_every_token = mode == "mean"      # the prompt's mean z needs every prompt token
         self.means: dict[int, torch.Tensor] = {}   # layer -> [B, h, D] prompt means (mode "mean")
 
     def attach(self, cfg: DbrxConfig) -> None:

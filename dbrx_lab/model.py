@@ -436,7 +436,7 @@ class Transformer(nn.Module):
         """input_ids [B, T] -> final hidden states [B, T, d] ([B, 1, d] with last_only).
 
         last_only computes the last block for the last token only (the cache still gets every token), unless
-        an intervention edits that block (HeadAblation's mean needs every prompt token). When something
+        an intervention there needs every token (`needs_every_token`: HeadAblation's prompt mean). When something
         observes that block, a side pass computes it for the other tokens too, for the observers
         only (a cache view that writes nothing), so the output is computed exactly as without observers.
         """
@@ -445,7 +445,7 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache[i]
             prune = (last_only and T > 1 and i == last and router_logits is None
-                     and not (block.ffn.edits or block.norm_attn_norm.attn.edits))   # e.g. a prompt's mean z
+                     and not any(e.needs_every_token for e in block.norm_attn_norm.attn.edits + block.ffn.edits))
             if prune and block.observed():
                 with current_call().side_pass(0, T - 1):
                     block(x[:, :-1], tuple(r[:, :-1] for r in rope), None if mask is None else mask[:, :, :-1, :-1],
