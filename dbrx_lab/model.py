@@ -132,17 +132,21 @@ def attention_pattern(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
     attention_scores -> [B, len(heads), len(rows), S] float32. Only those heads and rows are computed."""
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
-    heads_t = torch.as_tensor(list(heads), device=q.device)
-    rows_t = torch.as_tensor(list(rows), device=q.device)
-    qs = q.index_select(1, heads_t).index_select(2, rows_t)                         # [B, h, r, D]
+    heads, rows = list(heads), list(rows)
+    heads_t = torch.as_tensor(heads, device=q.device)
+    qs = q if heads == list(range(H)) else q.index_select(1, heads_t)
+    qs = qs if rows == list(range(T)) else qs[:, :, rows]                             # [B, h, r, D]
     ks = k.index_select(1, heads_t // (H // K))                                      # [B, h, S, D]
     scores = (qs @ ks.transpose(-1, -2)).div_(math.sqrt(D))                          # [B, h, r, S]
+    scores = scores.masked_fill_(~_rows_mask(mask, rows, T, S, q.device), float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32)
+
+
+def _rows_mask(mask: torch.Tensor | None, rows: list[int], T: int, S: int, device) -> torch.Tensor:
+    """The [B|1, 1, r, S] bool mask of some query rows (mask None: causal, the T queries the last T keys)."""
     if mask is None:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        mask = mask.index_select(0, rows_t)[None, None]
-    else:
-        mask = mask.index_select(2, rows_t)
-    return torch.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1, dtype=torch.float32)
+        mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None, None]
+    return mask if rows == list(range(T)) else mask[:, :, rows]
 
 
 class Linear(nn.Linear):

@@ -43,7 +43,7 @@ def widen_(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.
 @pytest.fixture
 def two_threads():
     """Two intra-op threads for one test, as on the 2-core machine: decoding takes its multi-threaded paths
-    (model.linear's split products, ExpertGLU.expert_pair)."""
+    (the split linear kernel's products, kernels.experts.expert_pair)."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
