@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
-import tempfile
+import socket
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .config import DbrxConfig
+from .config import DbrxConfig, read_json
 
 __all__ = ["save_pretrained", "checkpoint_tensors", "checkpoint_files", "read_config", "validate_checkpoint",
-           "read_weights", "resolve_dtype", "dtype_name"]
+           "read_weights", "resolve_dtype", "dtype_name", "current_umask", "temp_path", "sweep_temps", "write_safetensors"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -35,6 +36,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,16 @@ def read_config(folder: Path) -> DbrxConfig:
     cfg = DbrxConfig.from_pretrained(folder)
     gen_path = folder / "generation_config.json"
     if gen_path.is_file():
-        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        gen = read_json(gen_path)
+        if not isinstance(gen, dict):
+            raise ValueError(f"{gen_path} must hold a JSON object, got {type(gen).__name__}")
+        eos = gen.get("eos_token_id")
         if eos is not None:
-            cfg.eos_token_id = [eos] if isinstance(eos, int) else list(eos)
+            ids = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
+            if not isinstance(ids, list) or not all(isinstance(e, int) and not isinstance(e, bool) and
+                                                    e >= 0 for e in ids):
+                raise ValueError(f"{gen_path}: eos_token_id must be a token id >= 0 or a list of them, got {eos!r}")
+            cfg.eos_token_id = list(ids)
     return cfg
 
 
@@ -64,10 +73,15 @@ def checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a checkpoint folder, in order, and the index's weight_map (None: single file)."""
     index_path = folder / INDEX_FILE
     if index_path.is_file():
+        index = read_json(index_path)
         try:
-            weight_map = dict(json.loads(index_path.read_text())["weight_map"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            weight_map = dict(index["weight_map"])
+        except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{index_path} is not a valid safetensors index ({err!r})") from None
+        for name, file in weight_map.items():
+            if not isinstance(name, str) or not isinstance(file, str) or not _plain_file_name(file):
+                raise ValueError(f"{index_path}: weight_map[{name!r}] = {file!r} is not a file name inside the "
+                                 f"checkpoint folder (no folders, '..' or absolute paths)")
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -81,6 +95,12 @@ def checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}{hint}")
 
 
+def _plain_file_name(name: str) -> bool:
+    """A bare file name (what HF indexes hold): no separator, not '.', '..' or empty, no NUL."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name \
+        and not os.path.isabs(name)
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Tensor name -> TensorInfo from a safetensors header; ValueError naming the file if it is truncated or corrupt."""
     size = path.stat().st_size
@@ -91,7 +111,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt header)")
         try:
             header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             header = None
     if not isinstance(header, dict):
         raise ValueError(f"{path} is not a valid safetensors file (unreadable header)")
@@ -100,9 +120,12 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     try:
         for name, entry in header.items():
             dtype = _ST_DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
+            if not isinstance(entry["shape"], list) or not all(type(s) is int and s >= 0 for s in entry["shape"]):
+                raise ValueError
+            shape = tuple(entry["shape"])
             begin, stop = entry["data_offsets"]
-            if not 0 <= begin <= stop or stop - begin != dtype.itemsize * torch.Size(shape).numel():
+            if type(begin) is not int or type(stop) is not int or not 0 <= begin <= stop or \
+                    stop - begin != dtype.itemsize * math.prod(shape):
                 raise ValueError
             infos[name] = TensorInfo(shape, dtype, path)
             end = max(end, stop)
@@ -217,7 +240,9 @@ def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike, max_shard
     """Write config.json, generation_config.json and safetensors weights (sharded + index above max_shard_size).
 
     The files are written to a temporary folder next to `folder` and moved in place with atomic renames;
-    weight files of an earlier save that the new one does not use are removed. Returns the folder.
+    weight files of an earlier save that the new one does not use are removed. An existing folder must be
+    empty, a DBRX checkpoint, or hold none of the files a save writes (nothing else is overwritten). Files
+    and a new folder get the permissions the umask allows (0666 / 0777 & ~umask). Returns the folder.
     """
     folder = Path(folder)
     dtype = resolve_dtype(dtype) or model.dtype
@@ -232,27 +257,57 @@ def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike, max_shard
     shards = plan_shards(sizes, parse_size(max_shard_size))
     names = [SINGLE_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    _check_target_folder(folder)
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    sweep_temps(folder)
+    tmp = temp_path(folder)
+    os.mkdir(tmp, 0o777)                                    # the umask applies (mkdtemp would make it 0700)
     try:
         for file, shard in zip(names, shards):
             tensors = {n: state[n].detach().to(device="cpu", dtype=dtype).contiguous() for n in shard}
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            _write_file(tmp / file, lambda f: write_safetensors(f, tensors, {"format": "pt"}))
             del tensors
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())},
                      "weight_map": {n: file for file, shard in zip(names, shards) for n in shard}}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            _write_text(tmp / INDEX_FILE, json.dumps(index, indent=2) + "\n")
         cfg = dataclasses.replace(model.config, torch_dtype=dtype_name(dtype))
-        cfg.save_pretrained(tmp)
+        _write_text(tmp / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         if cfg.eos_token_id:
             gen = {"eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
-            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+            _write_text(tmp / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+        _fsync_dir(tmp)
         _move_into(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _written_names(folder: Path) -> list[Path]:
+    """Files in `folder` that a save writes or replaces."""
+    return [p for p in [folder / "config.json", folder / "generation_config.json", folder / INDEX_FILE,
+                        *folder.glob("model*.safetensors")] if p.exists()]
+
+
+def _check_target_folder(folder: Path) -> None:
+    """Refuse a target whose files a save would overwrite unless it is a DBRX checkpoint (never clobber a
+    file dbrx-lab did not write: another model's config.json, a file where the folder should be)."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"cannot save to {folder}: it exists and is not a folder")
+    if not folder.is_dir():
+        return
+    ours = _written_names(folder)
+    if not ours:
+        return
+    config = folder / "config.json"
+    try:
+        is_dbrx = isinstance(data := read_json(config), dict) and data.get("model_type") == "dbrx"
+    except (ValueError, OSError):
+        is_dbrx = False
+    if not is_dbrx:
+        raise ValueError(f"cannot save to {folder}: it holds {', '.join(p.name for p in ours)} but is not a DBRX "
+                         f"checkpoint (no config.json with model_type 'dbrx'); save to a new or empty folder")
 
 
 def _move_into(tmp: Path, folder: Path) -> None:
@@ -260,6 +315,7 @@ def _move_into(tmp: Path, folder: Path) -> None:
     then drop weight files of an earlier save that the new one does not use."""
     if not folder.exists():
         os.rename(tmp, folder)
+        _fsync_dir(folder.parent)
         return
     new = {p.name for p in tmp.iterdir()}
     for name in sorted(new, key=lambda n: (not n.endswith(".safetensors"), n == "config.json")):
@@ -267,4 +323,114 @@ def _move_into(tmp: Path, folder: Path) -> None:
     for stale in [*folder.glob("model*.safetensors"), folder / INDEX_FILE]:
         if stale.name not in new and stale.is_file():
             stale.unlink()
+    _fsync_dir(folder)
 
+
+# ------------------------------------------------------------------------------------------------
+# atomic files: temporary names next to the target, swept when their writer is gone
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux /proc; elsewhere set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_HOST = socket.gethostname().replace("-", "_") or "host"
+
+
+def temp_path(target: Path) -> Path:
+    """A hidden temporary name beside `target` (same file system, so os.replace is atomic) that names its writer:
+    `.{target}.tmp-{host}-{pid}-{random}`; `sweep_temps` removes the ones whose writer died."""
+    return target.with_name(f".{target.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def sweep_temps(target: Path) -> list[Path]:
+    """Remove temporaries of `target` (see temp_path) left by a killed writer of this host; -> removed paths.
+    Only names this module makes are touched; ones of a live process or another host are left alone."""
+    removed = []
+    prefix = f".{target.name}.tmp-"
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        parts = entry.name[len(prefix):].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit() or _alive(int(parts[1])):
+            continue
+        try:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _write_file(path: Path, write) -> None:
+    """Create `path` (new, mode 0666 & ~umask) and fill it with write(file); flushed to disk before returning."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write_file(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_safetensors(f, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write tensors in the safetensors format to an open binary file, one tensor at a time from its own memory
+    (safetensors' save_file first copies every tensor into bytes). Larger items first, so each tensor's data
+    is aligned to its item size (the header is padded to 8 bytes, as safetensors does)."""
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in _ST_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for name in order:
+        t = tensors[name].detach()
+        if t.numel():
+            t = t.cpu().contiguous()                     # a copy only for a non-contiguous or device tensor
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))

@@ -10,7 +10,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DbrxConfig", "PRESETS"]
+__all__ = ["DbrxConfig", "PRESETS", "HF_DEFAULTS", "read_json"]
+
+# transformers' class defaults (DbrxConfig, DbrxAttentionConfig, DbrxFFNConfig): what HF uses for a field that
+# config.json leaves out (dbrx-instruct's values are not assumed). layer_norm_eps is not an HF field: HF's
+# DBRX LayerNorms use torch's 1e-5.
+HF_DEFAULTS: dict[str, Any] = {
+    "d_model": 2048, "n_heads": 16, "n_layers": 24, "max_seq_len": 2048, "vocab_size": 32000,
+    "kv_n_heads": 1, "clip_qkv": None, "rope_theta": 10000.0, "attn_pdrop": 0.0,
+    "ffn_hidden_size": 3584, "moe_num_experts": 4, "moe_top_k": 1, "moe_normalize_expert_weights": 1.0,
+    "moe_jitter_eps": None, "moe_loss_weight": 0.01, "ffn_act_fn": "silu",
+    "resid_pdrop": 0.0, "emb_pdrop": 0.0, "initializer_range": 0.02, "tie_word_embeddings": False,
+    "layer_norm_eps": 1e-5,
+}
+# Defaulting these changes the model's shapes or arithmetic, so a config without them gets a warning. The
+# released dbrx-instruct config.json writes all of them; it leaves out moe_normalize_expert_weights and
+# ffn_act_fn, whose HF defaults (1.0, silu) are DBRX's.
+WARN_IF_DEFAULTED = ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size", "kv_n_heads", "clip_qkv",
+                     "rope_theta", "ffn_hidden_size", "moe_num_experts", "moe_top_k")
+_OPTIONAL_FLOATS = ("clip_qkv", "moe_normalize_expert_weights", "moe_jitter_eps")
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value; ValueError naming the file for bytes that are not UTF-8 or text that is not JSON."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not valid JSON: nested too deeply") from None
 
 
 @dataclass
@@ -60,10 +92,23 @@ class DbrxConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DbrxConfig.{name} must be a positive integer, got {value!r}")
         for name in ("clip_qkv", "rope_theta", "moe_normalize_expert_weights", "moe_jitter_eps",
-                     "moe_loss_weight", "moe_z_loss_weight", "layer_norm_eps"):
+                     "moe_loss_weight", "moe_z_loss_weight", "layer_norm_eps", "initializer_range", "attn_pdrop",
+                     "resid_pdrop", "emb_pdrop"):
             value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, float(value))
+            if value is None and name in _OPTIONAL_FLOATS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"DbrxConfig.{name} must be a finite number{' or None' * (name in _OPTIONAL_FLOATS)}"
+                                 f", got {value!r}")
+            setattr(self, name, float(value))
+        if self.layer_norm_eps <= 0:
+            raise ValueError(f"layer_norm_eps must be > 0 (DBRX: 1e-5), got {self.layer_norm_eps}")
+        if self.moe_normalize_expert_weights is not None and self.moe_normalize_expert_weights <= 0:
+            raise ValueError(f"moe_normalize_expert_weights (the p of the p-norm) must be > 0 or None, got "
+                             f"{self.moe_normalize_expert_weights}")
+        for name in ("attn_pdrop", "resid_pdrop", "emb_pdrop"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.kv_n_heads:
@@ -78,8 +123,19 @@ class DbrxConfig:
             raise ValueError(f"clip_qkv must be > 0 or None, got {self.clip_qkv}")
         if self.ffn_act_fn != "silu":
             raise ValueError(f"only the silu GLU of DBRX is supported, got ffn_act_fn={self.ffn_act_fn!r}")
-        if isinstance(self.eos_token_id, int):
+        if isinstance(self.eos_token_id, int) and not isinstance(self.eos_token_id, bool):
             self.eos_token_id = [self.eos_token_id]
+        if self.eos_token_id is not None:
+            if not isinstance(self.eos_token_id, (list, tuple)) or not all(
+                    isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in self.eos_token_id):
+                raise ValueError(f"eos_token_id must be a token id >= 0, a list of them or None, got "
+                                 f"{self.eos_token_id!r}")
+            self.eos_token_id = list(self.eos_token_id)
+        if self.pad_token_id is not None and (not isinstance(self.pad_token_id, int) or
+                                              isinstance(self.pad_token_id, bool) or self.pad_token_id < 0):
+            raise ValueError(f"pad_token_id must be a token id >= 0 or None, got {self.pad_token_id!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
 
     @property
     def head_dim(self) -> int:
@@ -98,12 +154,23 @@ class DbrxConfig:
     # --- HF JSON ---------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "DbrxConfig":
-        """Build from an HF config dict (nested attn_config/ffn_config; released or transformers 5.x)."""
+        """Build from an HF config dict (nested attn_config/ffn_config; released or transformers 5.x).
+
+        Each field is read where the released config or HF writes it; a model field absent from both takes
+        HF's class default (as transformers would), with a warning naming the fields that shape the model.
+        """
+        if not isinstance(cfg, dict):
+            raise ValueError(f"a config must be a JSON object ({{...}}), got {type(cfg).__name__}")
         cfg = dict(cfg)
         if cfg.get("model_type", "dbrx") != "dbrx":
             raise ValueError(f"not a DBRX config: model_type={cfg.get('model_type')!r}")
-        attn = dict(cfg.pop("attn_config", None) or {})
-        ffn = dict(cfg.pop("ffn_config", None) or {})
+        sections = {}
+        for section in ("attn_config", "ffn_config", "rope_parameters"):
+            value = cfg.pop(section, None)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"field {section} must be an object, got {type(value).__name__}: {value!r}")
+            sections[section] = dict(value or {})
+        attn, ffn, rope_params = sections["attn_config"], sections["ffn_config"], sections["rope_parameters"]
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in cfg.items() if k in known}
         for key in ("kv_n_heads", "clip_qkv", "attn_pdrop"):
@@ -116,14 +183,15 @@ class DbrxConfig:
         act = ffn.get("ffn_act_fn")
         if isinstance(act, dict):
             kwargs["ffn_act_fn"] = act.get("name", "silu")
+        elif act is not None:
+            kwargs["ffn_act_fn"] = act
         # RoPE base: DBRX keeps it in attn_config; transformers 5.x reads only top-level rope_parameters
         # and writes 10000 there when loading a released config. DBRX's own field wins.
-        rope_params = cfg.get("rope_parameters") or {}
         theta_attn = attn.get("rope_theta")
         theta_top = rope_params.get("rope_theta", cfg.get("rope_theta"))
         if theta_attn is not None:
             kwargs["rope_theta"] = theta_attn
-            if theta_top is not None and float(theta_top) != float(theta_attn):
+            if theta_top is not None and theta_top != theta_attn:
                 warnings.warn(f"config has attn_config.rope_theta={theta_attn} and rope_parameters.rope_theta="
                               f"{theta_top}; using attn_config.rope_theta (DBRX's own field)", stacklevel=2)
         elif theta_top is not None:
@@ -134,6 +202,12 @@ class DbrxConfig:
             kwargs["torch_dtype"] = cfg["dtype"]
         if "layer_norm_epsilon" in cfg:
             kwargs["layer_norm_eps"] = cfg["layer_norm_epsilon"]
+        defaulted = [name for name in HF_DEFAULTS if name not in kwargs]
+        kwargs.update({name: HF_DEFAULTS[name] for name in defaulted})
+        warn = [name for name in defaulted if name in WARN_IF_DEFAULTED]
+        if warn:
+            warnings.warn("config has no " + ", ".join(f"{n} (using HF's default {HF_DEFAULTS[n]!r})" for n in warn),
+                          UserWarning, stacklevel=2)
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,11 +251,11 @@ class DbrxConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path} (presets: {sorted(PRESETS)})")
+        data = read_json(path)
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)

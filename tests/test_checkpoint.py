@@ -88,14 +88,15 @@ def test_resave_replaces_stale_shards(tiny_model, tmp_path):
 def test_failed_save_leaves_existing_checkpoint_intact(tiny_model, saved, monkeypatch):
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
     calls = []
+    write = checkpoint.write_safetensors
 
-    def failing_save_file(*args, **kwargs):
+    def failing_write(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise OSError("disk full")
-        return save_file(*args, **kwargs)
+        return write(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
+    monkeypatch.setattr(checkpoint, "write_safetensors", failing_write)
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(tiny_model, saved, max_shard_size="200KB")
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
