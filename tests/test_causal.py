@@ -1,0 +1,160 @@
+"""Causal expert analysis (issue 20): patching and coalitions, audits, counterfactual routing, steering.
+
+Known answers come from a *planted* model (`planted_model`): the tiny preset with attention outputs and
+every expert's output zeroed except the planted "carrier" experts of layer 0, and router weights solved so
+that chosen tokens route exactly as specified. Each position then depends on its own token only, and the
+carriers alone write the direction c that the answer token's unembedding reads:
+  X (clean):   carriers at logit +s (chosen, weights split evenly), the other experts at 0
+  Y (corrupt): experts 0-3 at +s (chosen, zero output), carriers at -s
+  Z:           experts 0-3 at +2 (chosen), the first carrier at +1.9 (rank 5), the rest at -10
+  A, B:        experts 0-3 at +s, carriers at -s
+Embeddings: X = base + r, Y = base - r (orthogonal, zero-mean, same norm), so that restoring the carriers'
+contribution at the last position restores the clean logit difference exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import dbrx_lab
+from dbrx_lab import PRESETS, DbrxLM
+from dbrx_lab.analysis import causal
+
+from conftest import widen_
+
+X, Y, Z, A, B = 10, 11, 12, 20, 21
+
+
+@torch.no_grad()
+def planted_model(carriers=(5,), s: float = 30.0, seed: int = 0) -> DbrxLM:
+    """See the module doc. carriers: layer-0 experts that write c = 10 q3 at X, Y and Z."""
+    cfg = dataclasses.replace(PRESETS["tiny"])
+    model = widen_(DbrxLM(cfg).eval(), seed=seed)
+    d, E = cfg.d_model, cfg.moe_num_experts
+    g = torch.Generator().manual_seed(seed + 1)
+    basis = torch.cat([torch.ones(d, 1), torch.randn(d, d - 1, generator=g)], 1)
+    q = torch.linalg.qr(basis).Q[:, 1:].T                      # [d-1, d] orthonormal, zero-mean rows
+    base, r, c_dir = 3 * q[0], q[1], q[2]
+    for block in model.transformer.blocks:
+        block.norm_attn_norm.attn.out_proj.weight.zero_()
+        block.ffn.experts.mlp.w2.zero_()
+        block.norm_attn_norm.norm_1.weight.fill_(1.0)
+        block.norm_attn_norm.norm_2.weight.fill_(1.0)
+    model.transformer.norm_f.weight.fill_(1.0)
+    wte = model.transformer.wte.weight
+    wte[X], wte[Y] = base + r, base - r
+    wte[Z], wte[A], wte[B] = 3 * q[3] + q[4], 3 * q[5], 3 * q[6]
+    U = model.lm_head.weight
+    U[A], U[B] = 5 * c_dir, -5 * c_dir
+    toks = [X, Y, Z, A, B]
+    block = model.transformer.blocks[0]
+    zs = torch.stack([block.norm_attn_norm.norm_2(wte[t]) for t in toks], 1)     # [d, n] the router's inputs
+    a = torch.zeros(E, len(toks))
+    others = [e for e in range(E) if e not in carriers and e not in (0, 1, 2, 3)]
+    a[list(carriers), 0] = s                                                      # X
+    for j in (1, 3, 4):                                                           # Y, A, B
+        a[[0, 1, 2, 3], j], a[list(carriers), j] = s, -s
+    a[[0, 1, 2, 3], 2], a[carriers[0], 2] = 2.0, 1.9                              # Z
+    a[others + list(carriers[1:]), 2] = -10.0
+    block.ffn.router.layer.weight.copy_(a @ torch.linalg.pinv(zs))
+    mlp = block.ffn.experts.mlp
+    for e in carriers:
+        h = torch.stack([mlp.expert(zs[:, j][None], e)[1][0] for j in range(3)])     # [3, F] at X, Y, Z
+        mlp.w2[e * mlp.ffn:(e + 1) * mlp.ffn] = torch.linalg.pinv(h) @ (10 * c_dir).expand(3, d)
+    return model
+
+
+def test_planted_model_routes_as_designed():
+    model = planted_model(carriers=(5, 9))
+    _, trace = model.run_with_trace(torch.tensor([[X, Y, Z, A]]))
+    chosen = trace.topk_experts[0, 0]
+    assert set(chosen[0, :2].tolist()) == {5, 9}
+    assert torch.allclose(trace.topk_weights[0, 0, 0, :2], torch.tensor([0.5, 0.5]), atol=1e-6)
+    assert set(chosen[1].tolist()) == {0, 1, 2, 3} and set(chosen[2].tolist()) == {0, 1, 2, 3}
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. expert patching, coalitions, attribution patching
+def test_patching_recovers_exactly_the_planted_expert():
+    model = planted_model(carriers=(5,))
+    clean, corrupt = [A, B, X], [A, B, Y]
+    df = causal.expert_patching(model, clean, corrupt, answer=A, wrong=B, progress=False)
+    assert len(df) == 2 * 16 and df.attrs["forwards"] == 2 + 32
+    assert df.attrs["clean_metric"] > 10 and abs(df.attrs["corrupted_metric"]) < 1e-4
+    planted = df[(df.layer == 0) & (df.expert == 5)].iloc[0]
+    assert planted.recovery == pytest.approx(1.0, abs=1e-4)
+    assert planted.routed_clean and not planted.routed_corrupt
+    rest = df[~((df.layer == 0) & (df.expert == 5))]
+    assert rest.recovery.abs().max() < 1e-5                 # no other unit carries anything
+
+
+def test_patching_only_at_positions_without_the_signal_recovers_nothing():
+    model = planted_model(carriers=(5,))
+    df = causal.expert_patching(model, [A, B, X], [A, B, Y], A, B, layers=[0], experts=[5], positions=[0, 1],
+                                progress=False)
+    assert df.recovery.abs().max() < 1e-5
+
+
+def test_coalition_needs_both_carriers():
+    model = planted_model(carriers=(5, 9))
+    single = causal.expert_patching(model, [A, X], [A, Y], A, B, layers=[0], progress=False)
+    best_single = single.recovery.max()
+    assert 0.1 < best_single < 0.9                          # each carrier writes half of c
+    curve = causal.expert_coalition(model, [A, X], [A, Y], A, B, max_size=4, progress=False)
+    assert list(curve["size"]) == [0, 1, 2]                 # stops at recovery >= 0.95
+    assert {(int(r.layer), int(r.expert)) for r in curve.iloc[1:].itertuples()} == {(0, 5), (0, 9)}
+    assert curve.recovery.iloc[1] == pytest.approx(best_single, abs=1e-6)
+    assert curve.recovery.iloc[2] == pytest.approx(1.0, abs=1e-4)
+    assert curve.attrs["forwards"] == 2 + 32 + 31
+
+
+def test_attribution_patching_agrees_with_exact_on_the_planted_model():
+    model = planted_model(carriers=(5,))
+    exact = causal.expert_patching(model, [A, X], [A, Y], A, wrong=None, progress=False)     # log-prob metric
+    with torch.inference_mode():                             # gradients are taken anyway
+        approx = causal.attribution_patching(model, [A, X], [A, Y], A)
+    top = approx.loc[approx.attribution.abs().idxmax()]
+    assert (top.layer, top.expert) == (0, 5) and top.attribution > 0
+    assert approx[~((approx.layer == 0) & (approx.expert == 5))].attribution.abs().max() < 1e-6
+    agree = causal.patching_agreement(exact, approx)
+    assert agree["top_overlap"] >= 0.2 and agree["pearson"] > 0.99
+    assert all(p.grad is None for p in model.parameters())
+    assert model.kernels()["experts"] == "auto"             # reference kernels restored
+
+
+def test_patching_rejects_bad_input():
+    model = planted_model()
+    with pytest.raises(ValueError, match="clean has 3 tokens and corrupted 2"):
+        causal.expert_patching(model, [A, B, X], [A, Y], A, B, progress=False)
+    with pytest.raises(ValueError, match=r"answer must be a token id in \[0, 511\]"):
+        causal.expert_patching(model, [A, X], [A, Y], 512, B, progress=False)
+    with pytest.raises(ValueError, match=r"layers \[2\] out of range: this model has layers 0..1"):
+        causal.expert_patching(model, [A, X], [A, Y], A, B, layers=[2], progress=False)
+    with pytest.raises(ValueError, match=r"positions \[5\] out of range"):
+        causal.expert_patching(model, [A, X], [A, Y], A, B, positions=[5], progress=False)
+    with pytest.raises(ValueError, match="same token"):
+        causal.expert_patching(model, [A, X], [A, Y], A, A, progress=False)
+
+
+def test_patching_interrupted_keeps_finished_units(monkeypatch):
+    model = planted_model()
+    setup_cls = causal.PatchSetup
+    real = setup_cls.patched_metric
+    calls = []
+
+    def flaky(self, units, extra_hooks=()):
+        calls.append(len(units))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, units, extra_hooks)
+
+    monkeypatch.setattr(setup_cls, "patched_metric", flaky)
+    df = causal.expert_patching(model, [A, X], [A, Y], A, B, batch_size=8, progress=False)
+    assert len(df) == 8 and df.attrs["interrupted"]
+    assert not model.transformer.blocks[0].ffn.edits and not dbrx_lab.hooks.current_scope().fns
