@@ -10,6 +10,7 @@ COMMANDS = {
     "train-demo": ("dbrx_lab.train", "train the bundled demo model (about 30 minutes on 2 CPU cores)"),
     "route-stats": ("dbrx_lab.route_stats", "stream a text dataset through a model and write routing tables"),
     "report": ("dbrx_lab.report", "write a self-contained HTML report of routing and attention for a prompt"),
+    "cards": ("dbrx_lab.card_site", "write expert cards (top contexts, logit effects, partners, ablation) as an offline HTML site"),
 }
 
 
