@@ -15,7 +15,6 @@ import datetime
 import hashlib
 import json
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -38,7 +37,8 @@ if TYPE_CHECKING:
 __all__ = ["Record", "Trace", "AttentionBudgetError", "run_with_trace", "generate_with_trace", "FORMAT_VERSION"]
 
 FORMAT_NAME = "dbrx_lab.trace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2               # 2: the checksum covers the JSON header too; version 1 files still load
+READABLE_VERSIONS = ("1", "2")
 
 _KEY_DIM_FILL = {"hook_scores": float("-inf"), "hook_pattern": 0.0}                 # last dim: keys
 
@@ -435,33 +435,44 @@ class Trace:
         return t
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write one safetensors file (tensors + a JSON header with the format version and a checksum).
+        """Write one safetensors file (tensors + a JSON header with the format version and a checksum of both).
 
-        The file is written next to `path` under a temporary name and renamed into place, so `path` is
-        either the complete new trace or untouched.
+        The file is written next to `path` under a temporary name (`checkpoint.temp_path`; those of a killed
+        save are swept by the next one), flushed and renamed into place, so `path` is either the complete
+        new trace or untouched. Tensors are written from their own memory (no second copy of the trace); the
+        file gets the permissions the umask allows. An existing file that is not a trace is never replaced.
         """
-        from safetensors.torch import save_file
+        from . import checkpoint
 
         path = Path(path)
-        tensors = {name: t.detach().cpu().contiguous().clone() for name, t in self._tensors().items()}
-        info = {"tokens": self.tokens, "prompt_length": self.prompt_length,
-                "attention_heads": {str(k): v for k, v in self.attention_heads.items()},
-                "attention_query_positions": self.attention_query_positions, "metadata": self.metadata}
-        header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
-                  "trace": json.dumps(info, default=repr), "sha256": _checksum(tensors)}
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        if path.is_dir():
+            raise ValueError(f"cannot save the trace to {path}: it is a folder; give a file name")
+        if path.exists() and not _is_trace_file(path):
+            raise ValueError(f"cannot save the trace to {path}: that file exists and is not a dbrx_lab trace; "
+                             f"choose another name (nothing was overwritten)")
+        tensors = {name: t.detach() for name, t in self._tensors().items()}
+        bad = [n for n, t in tensors.items() if t.device.type != "cpu" and t.device.type != "meta"]
+        tensors.update({n: tensors[n].cpu() for n in bad})                   # traces hold CPU tensors already
+        info = json.dumps({"tokens": self.tokens, "prompt_length": self.prompt_length,
+                           "attention_heads": {str(k): v for k, v in self.attention_heads.items()},
+                           "attention_query_positions": self.attention_query_positions,
+                           "metadata": self.metadata}, default=repr)
+        header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "trace": info,
+                  "sha256": _checksum(tensors, info)}
+        checkpoint.sweep_temps(path)
+        tmp = checkpoint.temp_path(path)
         try:
-            save_file(tensors, str(tmp), metadata=header)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            checkpoint._write_file(tmp, lambda f: checkpoint.write_safetensors(f, tensors, header))
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        checkpoint._fsync_dir(path.parent)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Trace":
-        """Read a file written by `save`; ValueError for another format version or a damaged file."""
+        """Read a file written by `save`; ValueError for another format version, a damaged file, or a header
+        whose fields do not fit the tensors (naming the field)."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -473,7 +484,7 @@ class Trace:
                 if header.get("format") != FORMAT_NAME:
                     raise ValueError(f"{path} is not a dbrx_lab trace file (no '{FORMAT_NAME}' header)")
                 version = header.get("format_version")
-                if version != str(FORMAT_VERSION):
+                if version not in READABLE_VERSIONS:
                     raise ValueError(f"{path} is a trace of format version {version}; this dbrx_lab reads version "
                                      f"{FORMAT_VERSION} (re-record it, or load it with a matching dbrx_lab)")
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
@@ -481,12 +492,16 @@ class Trace:
             raise
         except Exception as err:  # safetensors raises its own error type for a truncated or corrupt file
             raise ValueError(f"{path} is damaged or truncated and cannot be read as a trace: {err}") from None
-        if _checksum(tensors) != header.get("sha256"):
-            raise ValueError(f"{path} is damaged: its tensor data does not match the checksum in its header")
+        raw = header.get("trace")
+        signed = _checksum(tensors) if version == "1" else _checksum(tensors, raw if isinstance(raw, str) else "")
+        if signed != header.get("sha256"):
+            what = "tensor data" if version == "1" else "tensor data or JSON header"
+            raise ValueError(f"{path} is damaged: its {what} does not match the checksum in its header")
         try:
-            info = json.loads(header["trace"])
-        except (KeyError, json.JSONDecodeError) as err:
+            info = json.loads(raw)
+        except (TypeError, json.JSONDecodeError, RecursionError) as err:
             raise ValueError(f"{path} is damaged: unreadable trace header ({err})") from None
+        _check_loaded(path, info, tensors)
         return cls(
             input_ids=tensors.pop("input_ids"), attention_mask=tensors.pop("attention_mask"), tokens=info["tokens"],
             router_logits=tensors.pop("router_logits", None), topk_experts=tensors.pop("topk_experts", None),
@@ -500,12 +515,106 @@ class Trace:
             prompt_length=info["prompt_length"], metadata=info["metadata"])
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+def _is_trace_file(path: Path) -> bool:
+    """Whether `path` is a safetensors file whose header says it is a dbrx_lab trace (read: its header only)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100 * 2 ** 20:
+                return False
+            head = json.loads(f.read(n))
+        return isinstance(head, dict) and isinstance(head.get("__metadata__"), dict) and \
+            head["__metadata__"].get("format") == FORMAT_NAME
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_loaded(path: Path, info, tensors: dict[str, torch.Tensor]) -> None:
+    """Check a loaded trace's JSON fields against its tensors; ValueError naming the first field that does not fit."""
+    def bad(field_name: str, problem: str) -> ValueError:
+        return ValueError(f"{path} is damaged: field {field_name} {problem}")
+
+    if not isinstance(info, dict):
+        raise bad("trace", f"must be a JSON object, got {type(info).__name__}")
+    for key in ("tokens", "prompt_length", "attention_heads", "attention_query_positions", "metadata"):
+        if key not in info:
+            raise bad(key, "is missing")
+    for key in ("input_ids", "attention_mask"):
+        if key not in tensors:
+            raise bad(key, "is missing (no such tensor)")
+    ids = tensors["input_ids"]
+    if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise bad("input_ids", f"must be an integer tensor [B, T], got {ids.dtype} {tuple(ids.shape)}")
+    B, T = ids.shape
+    if tuple(tensors["attention_mask"].shape) != (B, T):
+        raise bad("attention_mask", f"must be [B, T] = [{B}, {T}], got {tuple(tensors['attention_mask'].shape)}")
+    tokens = info["tokens"]
+    if not isinstance(tokens, list) or len(tokens) != B or any(
+            not isinstance(row, list) or len(row) != T or not all(isinstance(t, str) for t in row) for row in tokens):
+        raise bad("tokens", f"must be {B} lists of {T} strings (one per token of input_ids)")
+    if not _is_int(info["prompt_length"]) or not 0 <= info["prompt_length"] <= T:
+        raise bad("prompt_length", f"must be an integer in [0, {T}], got {info['prompt_length']!r}")
+    if not isinstance(info["metadata"], dict):
+        raise bad("metadata", f"must be a JSON object, got {type(info['metadata']).__name__}")
+    L = k = None
+    for name in ("router_logits", "topk_experts", "topk_weights", "expert_output_norm", "expert_hidden_norm"):
+        t = tensors.get(name)
+        if t is None:
+            continue
+        if t.ndim != 4 or tuple(t.shape[1:3]) != (B, T) or (L is not None and t.shape[0] != L):
+            raise bad(name, f"must be [L, {B}, {T}, ...], got {tuple(t.shape)}")
+        L = t.shape[0]
+        if name != "router_logits":
+            if k is not None and t.shape[3] != k:
+                raise bad(name, f"has k={t.shape[3]}, other routing fields k={k}")
+            k = t.shape[3]
+        if (name == "topk_experts") == t.dtype.is_floating_point:
+            raise bad(name, f"has dtype {t.dtype}")
+    config = info["metadata"].get("config") if isinstance(info["metadata"].get("config"), dict) else {}
+    n_heads = config.get("n_heads") if _is_int(config.get("n_heads")) else None
+    queries = info["attention_query_positions"]
+    if queries is not None and (not isinstance(queries, list) or len(set(map(repr, queries))) != len(queries) or
+                                not all(_is_int(q) and 0 <= q < T for q in queries)):
+        raise bad("attention_query_positions", f"must be null or distinct integers in [0, {T - 1}], got {queries!r}")
+    heads = info["attention_heads"]
+    if not isinstance(heads, dict):
+        raise bad("attention_heads", f"must be an object {{layer: [heads]}}, got {type(heads).__name__}")
+    layers = {n.split(".", 1)[1] for n in tensors if n.startswith("attention.")}
+    if set(heads) != layers:
+        raise bad("attention_heads", f"names layers {sorted(heads)}, the file has attention for {sorted(layers)}")
+    for layer, hs in heads.items():
+        limit = f" < n_heads={n_heads}" if n_heads else ""
+        if not layer.isdigit() or not isinstance(hs, list) or len(set(map(repr, hs))) != len(hs) or \
+                not all(_is_int(h) and h >= 0 and (n_heads is None or h < n_heads) for h in hs):
+            raise bad(f"attention_heads[{layer}]", f"must be distinct head indices >= 0{limit}, got {hs!r}")
+        a = tensors[f"attention.{layer}"]
+        want = (B, len(hs), T if queries is None else len(queries), T)
+        if tuple(a.shape) != want:
+            raise bad(f"attention_heads[{layer}]", f"and attention_query_positions give the shape {list(want)}; "
+                      f"the tensor attention.{layer} is {list(a.shape)}")
+    for name, t in tensors.items():
+        if name.startswith("activations.") and (t.ndim < 2 or tuple(t.shape[:2]) != (B, T)):
+            raise bad(name, f"must be [{B}, {T}, ...], got {tuple(t.shape)}")
+    known = {"input_ids", "attention_mask", "router_logits", "topk_experts", "topk_weights", "expert_output_norm",
+             "expert_hidden_norm"}
+    unknown = [n for n in tensors if n not in known and not n.startswith(("attention.", "activations."))]
+    if unknown:
+        raise bad(unknown[0], "is not a trace tensor")
+
+
+def _checksum(tensors: dict[str, torch.Tensor], info: str | None = None) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes) and, from format version 2, the JSON header."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    if info is not None:
+        h.update(b"trace:" + info.encode("utf-8"))
     return h.hexdigest()
 
 

@@ -371,7 +371,7 @@ def test_load_rejects_another_format_version(model, ids, tmp_path, monkeypatch):
     monkeypatch.setattr(trace_mod, "FORMAT_VERSION", 99)
     path = tr.save(tmp_path / "future.safetensors")
     monkeypatch.undo()
-    with pytest.raises(ValueError, match="format version 99; this dbrx_lab reads version 1"):
+    with pytest.raises(ValueError, match="format version 99; this dbrx_lab reads version 2"):
         Trace.load(path)
 
 
@@ -399,18 +399,17 @@ def test_load_rejects_damaged_and_foreign_files(model, ids, tmp_path):
 
 
 def test_save_is_atomic(model, ids, tmp_path, monkeypatch):
-    import safetensors.torch
+    from dbrx_lab import checkpoint
 
     _, old = model.run_with_trace(ids)
     path = old.save(tmp_path / "t.safetensors")
     _, new = model.run_with_trace(ids, record=Record(experts=True))
 
-    def fail_midway(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    def fail_midway(f, tensors, metadata=None):
+        f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", fail_midway)
+    monkeypatch.setattr(checkpoint, "write_safetensors", fail_midway)
     with pytest.raises(OSError, match="disk full"):
         new.save(path)
     assert list(tmp_path.iterdir()) == [path]                                     # no partial file anywhere
