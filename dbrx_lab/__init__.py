@@ -8,6 +8,7 @@ from .loading import load_model
 from .tokenizer import DbrxTokenizer, load_tokenizer
 from .interventions import (ExpertAblation, ExpertForce, ExpertScale, HeadAblation, Intervention, RoutingPatch,
                             TopK)
+from .steering import RouterSteer
 from . import analysis
 from .route_stats import route_stats
 
@@ -24,4 +25,5 @@ def __getattr__(name: str):
 
 __all__ = ["Record", "Trace", "load_model", "save_pretrained", "load_tokenizer", "DbrxTokenizer",
            "ExpertAblation", "ExpertForce", "ExpertScale", "HeadAblation", "Intervention", "RoutingPatch", "TopK",
+           "RouterSteer",
            "analysis", "route_stats", "DbrxConfig", "DbrxLM", "DbrxOutput", "PRESETS", "__version__"]

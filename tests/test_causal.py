@@ -158,3 +158,57 @@ def test_patching_interrupted_keeps_finished_units(monkeypatch):
     df = causal.expert_patching(model, [A, X], [A, Y], A, B, batch_size=8, progress=False)
     assert len(df) == 8 and df.attrs["interrupted"]
     assert not model.transformer.blocks[0].ffn.edits and not dbrx_lab.hooks.current_scope().fns
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. RouterSteer
+def test_router_steer_modes_in_forward_and_generation(tiny_model, make_ids):
+    from dbrx_lab import Record, RouterSteer
+
+    ids = make_ids(2, 6)
+    _, base = tiny_model.run_with_trace(ids, record=Record(router=True))
+    never = int(base.topk_experts[1].flatten().bincount(minlength=16).argmin())
+    with tiny_model.intervene(RouterSteer(1, [never], mode="max")):
+        out, trace = tiny_model.generate_with_trace(ids, max_new_tokens=4)
+    assert (trace.topk_experts[1] == never).any(-1).all()                    # chosen at every token, also generated
+    assert torch.allclose(trace.router_logits[:, :, :6], base.router_logits, atol=1e-5)   # raw logits recorded
+    w = trace.topk_weights[1][(trace.topk_experts[1] == never)]
+    top = trace.topk_weights[1][..., 0].flatten()
+    assert torch.allclose(w, top, atol=1e-6)                                 # weighted like the router's favourite
+    favourite = int(base.topk_experts[0, ..., 0].flatten().mode().values)
+    with tiny_model.intervene(RouterSteer("all", [favourite], mode="forbid")):
+        _, trace = tiny_model.generate_with_trace(ids, max_new_tokens=3)
+    assert not (trace.topk_experts == favourite).any()
+    with tiny_model.intervene(RouterSteer(0, [never], bias=1e4)):
+        _, trace = tiny_model.run_with_trace(ids)
+    assert (trace.topk_experts[0, ..., 0] == never).all()                    # a huge bias: top-1 everywhere
+    with tiny_model.intervene(RouterSteer(0, [never], bias=-1e4)):
+        _, trace = tiny_model.run_with_trace(ids)
+    assert not (trace.topk_experts[0] == never).any()
+    with tiny_model.intervene(RouterSteer(0, [never], bias=0.0)):
+        assert torch.equal(tiny_model(ids).logits, tiny_model(ids).logits)
+    _, after = tiny_model.run_with_trace(ids, record=Record(router=True))
+    assert torch.equal(after.topk_experts, base.topk_experts)                # removed on exit
+
+
+def test_router_steer_positions_and_errors(tiny_model, make_ids):
+    from dbrx_lab import RouterSteer
+
+    ids = make_ids(1, 5)
+    with tiny_model.intervene(RouterSteer(0, [3], mode="max", positions=[4])):
+        _, trace = tiny_model.run_with_trace(ids)
+    assert (trace.topk_experts[0, 0, 4] == 3).any()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        RouterSteer(0, [1], mode="boost")
+    with pytest.raises(ValueError, match="bias must be a finite number"):
+        RouterSteer(0, [1], bias=float("inf"))
+    with pytest.raises(ValueError, match=r"experts \[16\] out of range: this model has experts 0..15"):
+        with tiny_model.intervene(RouterSteer(0, [16])):
+            pass
+    with pytest.raises(ValueError, match="fewer than top_k=4: forbid at most 12"):
+        with tiny_model.intervene(RouterSteer(0, list(range(13)), mode="forbid")):
+            pass
+    with pytest.raises(RuntimeError):
+        with tiny_model.intervene(RouterSteer(0, [1], mode="max")):
+            raise RuntimeError("boom")
+    assert not tiny_model.transformer.blocks[0].ffn.edits
