@@ -20,7 +20,8 @@ from plotly.subplots import make_subplots
 
 __all__ = ["EXPERT_COLORS", "expert_color", "readable_token", "text_color", "attention_pattern", "usage_heatmap", "routing_map", "routed_text",
            "routed_text_html", "attention_heatmap", "attention_grid", "coactivation_heatmap", "repetition_bars",
-           "specialization_bars", "routing_sankey", "ablation_impact", "generation_diff", "routing_cascade"]
+           "specialization_bars", "routing_sankey", "ablation_impact", "generation_diff", "routing_cascade",
+           "path_sankey", "card_logits"]
 
 # Okabe & Ito (2008) "Color Universal Design" (8 colours, first) + 8 from Paul Tol's muted, light and bright
 # schemes (https://personal.sron.nl/~pault/), picked greedily to maximise the smallest pairwise CIE76
@@ -702,3 +703,83 @@ def routing_cascade(result) -> go.Figure:
     fig.update_yaxes(title="layer", autorange="reversed", showgrid=False)
     return _finish(fig, "Routing cascade: how much each token's top-k changed under the intervention",
                    height=max(300, 120 + 26 * len(grid.index)), width=_width(160 + 16 * len(grid.columns)))
+
+
+# --- expert cards and routing paths (issue 21) --------------------------------------------------------
+_LABEL_COLORS = ["#2F3E55", "#D55E00", "#0072B2", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#999933",
+                 "#882255", "#117733"]                  # path labels (not experts: a path has many experts)
+
+
+def path_sankey(paths, n: int = 12) -> go.Figure:
+    """The n most frequent routing paths as an alluvial figure: one column per layer, a node per expert set
+    that one of these paths uses there ("{1,5,7,9}"), one band per path (width = tokens), coloured by the
+    path's most common label when the table has labels. `paths`: `routing_paths` or `path_counts` output.
+    Paths outside the n shown are left out; the title gives the share of tokens the n paths cover."""
+    from .analysis.paths import format_path, path_counts
+
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if not isinstance(paths, pd.DataFrame) or "path" not in paths.columns:
+        raise ValueError("path_sankey needs a paths table (analysis.routing_paths or analysis.path_counts)")
+    counts = paths if "count" in paths.columns else path_counts(paths)
+    cols = [c for c in counts.columns if c.startswith("set_L")]
+    layers = [int(c.removeprefix("set_L")) for c in cols]
+    if len(layers) < 2:
+        raise ValueError("path_sankey needs paths over at least two layers")
+    top = counts.head(n)
+    tokens = counts.attrs.get("tokens", int(counts["count"].sum()))
+    index: dict[tuple[int, int], int] = {}
+    labels_, x_, y_ = [], [], []
+    for li, c in enumerate(cols):
+        masks = sorted(set(int(m) for m in top[c]), key=lambda m: -top.loc[top[c] == m, "count"].sum())
+        for j, m in enumerate(masks):
+            index[(li, m)] = len(labels_)
+            labels_.append(format_path([m], [layers[li]]))
+            x_.append(0.01 + 0.98 * li / (len(cols) - 1))
+            y_.append(0.01 + 0.98 * (j + 0.5) / len(masks))
+    has_label = "top_label" in top.columns
+    names = sorted(set(top["top_label"].astype(str))) if has_label else []
+    src, dst, val, col, hover = [], [], [], [], []
+    for rank, (_, row) in enumerate(top.iterrows()):
+        color = (_LABEL_COLORS[names.index(str(row["top_label"])) % len(_LABEL_COLORS)] if has_label
+                 else _LABEL_COLORS[rank % len(_LABEL_COLORS)])
+        text = (f"path #{rank + 1}: {int(row['count'])} tokens ({row['share']:.1%})"
+                + (f", {row['purity']:.0%} {html.escape(str(row['top_label']))}" if has_label else "")
+                + (f", e.g. {html.escape(readable_token(str(row['example']), 24))}" if "example" in top.columns else ""))
+        for li in range(len(cols) - 1):
+            src.append(index[(li, int(row[cols[li]]))])
+            dst.append(index[(li + 1, int(row[cols[li + 1]]))])
+            val.append(int(row["count"]))
+            col.append(_rgba(color, 0.55))
+            hover.append(text)
+    fig = go.Figure(go.Sankey(
+        arrangement="fixed",
+        node=dict(label=labels_, x=x_, y=y_, pad=8, thickness=12, color="#C9D1DC", line=dict(color="#333", width=0.3),
+                  hovertemplate="%{label}: %{value} tokens of the paths shown<extra></extra>"),
+        link=dict(source=src, target=dst, value=val, color=col, customdata=hover,
+                  hovertemplate="%{customdata}<extra></extra>")))
+    covered = int(top["count"].sum())
+    legend = (" · colour: " + ", ".join(f'<span style="color:{_LABEL_COLORS[i % len(_LABEL_COLORS)]}">'
+                                         f'{html.escape(s)}</span>' for i, s in enumerate(names))) if has_label else ""
+    return _finish(fig, f"The {len(top)} most frequent routing paths ({covered} of {tokens} tokens, "
+                        f"{covered / max(tokens, 1):.1%}){legend}",
+                   height=max(360, 60 + 34 * max(top[c].nunique() for c in cols)),
+                   width=min(1400, max(720, 260 * len(cols))))
+
+
+def card_logits(card) -> go.Figure:
+    """An expert card's promoted (right, red) and suppressed (left, blue) tokens: mean direct logit effect
+    of its weighted output at its top contexts (`analysis.expert_cards` with a model)."""
+    if getattr(card, "promoted", None) is None or getattr(card, "suppressed", None) is None:
+        raise ValueError("this card has no logit effects: build the cards with a model (expert_cards(source, model))")
+    df = pd.concat([card.suppressed.iloc[::-1], card.promoted.iloc[::-1]], ignore_index=True)
+    labels_ = [readable_token(str(t), 20) for t in df["token"]]
+    colors = [_REDS[3] if v > 0 else _BLUES[1] for v in df["logit"]]
+    fig = go.Figure(go.Bar(x=df["logit"], y=[f"{s} " + "\u200b" * i for i, s in enumerate(labels_)], orientation="h",
+                           marker_color=colors, customdata=df["token_id"],
+                           hovertemplate="%{y} (id %{customdata}): %{x:+.3f} logits<extra></extra>"))
+    fig.update_xaxes(title=f"mean direct effect on the logit (over {card.dla_positions} top positions)",
+                     zeroline=True, zerolinecolor="#888")
+    fig.update_yaxes(tickfont=dict(family=MONO, size=11))
+    return _finish(fig, f"{card.name}: tokens it promotes and suppresses", height=120 + 18 * len(df), width=560,
+                   margin=dict(l=110, r=20, t=50, b=50))

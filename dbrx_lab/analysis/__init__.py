@@ -8,13 +8,18 @@ and ignore padding. Every function's docstring states its definition and its ran
     analysis.routing_repetition(traces)            # P(same top-1 at t, t+1) vs 1/E, ...
     analysis.ablation_sweep(model, texts)          # layer x expert loss change
     analysis.compare_generations(model, "Once", ExpertAblation(1, [3], "reroute"))
+    analysis.expert_cards("runs/demo-routing", model)   # one card per (layer, expert)
+    analysis.path_purity(analysis.routing_paths(folder)) # paths of expert sets vs single experts
 """
 from .ablation import DropTopExperts, LossEvaluator, ablation_sweep, drop_top_curve, top_k_curve
 from .attribution import LogitAttribution, logit_attribution
+from .cards import ExpertCard, ExpertCards, expert_cards
 from .compare import CompareStep, GenerationComparison, compare_generations, routing_cascade
 from .routing import (Routing, coactivation, confidence_summary, expert_load, fragile_tokens, iter_routing,
                       layer_transitions, load_routing, repetition_baselines, router_confidence, routing_frame,
                       routing_repetition)
+from .paths import (PathClusters, cluster_paths, path_counts, path_purity, purity, routing_paths, token_class,
+                    token_classes)
 from .specialization import domain_specialization, top_tokens_per_expert, vocab_specialization
 
 __all__ = [
@@ -25,4 +30,7 @@ __all__ = [
     "LogitAttribution", "logit_attribution",
     "DropTopExperts", "LossEvaluator", "ablation_sweep", "drop_top_curve", "top_k_curve",
     "CompareStep", "GenerationComparison", "compare_generations", "routing_cascade",
+    "ExpertCard", "ExpertCards", "expert_cards",
+    "routing_paths", "path_counts", "cluster_paths", "PathClusters", "purity", "path_purity", "token_class",
+    "token_classes",
 ]
