@@ -19,6 +19,10 @@ Output folder:
     [vocab_predicted,] top_tokens[, domain].parquet: the aggregate tables (dbrx_lab.analysis)
     summary.json                 texts, tokens, seconds
 
+The folder must be new, empty, or a route-stats output: route-stats never deletes or overwrites a file it did
+not write (a non-empty folder without its manifest.json is refused; --overwrite starts over by removing only
+its own outputs, and keeps anything else, e.g. notes.txt).
+
 Memory stays bounded: batches are written as row groups of the current part file, and the aggregates are
 computed one part at a time. Interrupted runs resume where the last committed part ended (the part being
 written is discarded); bad input stops the run with a message naming the line, after committing every
@@ -30,6 +34,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +56,8 @@ __all__ = ["route_stats", "read_texts", "RouteStatsResult", "add_arguments", "ru
 PART_TOKENS = 20_000           # tokens per committed part file
 PREDICT_CHUNK = 256            # tokens per lm_head chunk when computing predictions
 SPLITS = ("paragraph", "line")
+MANIFEST_FORMAT = "dbrx_lab.route_stats"
+PART_NAME = re.compile(r"part-\d{5}\.parquet(\.tmp)?")      # files route-stats writes in routing/
 TABLES = ("load", "coactivation", "repetition", "confidence", "fragile_tokens", "transitions", "vocab_input",
           "vocab_predicted", "top_tokens", "domain")
 
@@ -159,9 +166,46 @@ def _schema(k: int) -> pa.Schema:
 
 
 def _write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (a .tmp beside it, renamed into place; a failed write removes the .tmp)."""
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def _atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _own_outputs(out: Path) -> list[Path]:
+    """Files of `out` that route-stats writes (and --overwrite may remove); nothing else is ever touched."""
+    names = ["manifest.json", "summary.json", "meta.json", *(f"{t}.parquet" for t in TABLES)]
+    found = [out / n for n in names + [n + ".tmp" for n in names] if (out / n).is_file()]
+    parts = out / "routing"
+    if parts.is_dir():
+        found += [f for f in parts.iterdir() if PART_NAME.fullmatch(f.name) and f.is_file()]
+    return found
+
+
+def _read_manifest(path: Path) -> dict:
+    """A route-stats manifest; ValueError when the file is another tool's (or damaged): the folder is not ours."""
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path} is not a route-stats manifest ({err}); route-stats does not touch a folder "
+                         f"it did not write: choose another --out") from None
+    ok = isinstance(state, dict) and state.get("format", MANIFEST_FORMAT) == MANIFEST_FORMAT and \
+        isinstance(state.get("settings"), dict) and isinstance(state.get("parts"), list) and \
+        all(isinstance(p, dict) and isinstance(p.get("file"), str) and PART_NAME.fullmatch(p["file"]) and
+            not p["file"].endswith(".tmp") for p in state["parts"]) and \
+        isinstance(state.get("texts_done"), int) and isinstance(state.get("tokens_done"), int) and \
+        isinstance(state.get("texts_sha256"), str)
+    if not ok:
+        raise ValueError(f"{path} was not written by route-stats (another tool's manifest.json); route-stats "
+                         f"does not touch a folder it did not write: choose another --out")
+    return state
 
 
 class _Manifest:
@@ -169,21 +213,33 @@ class _Manifest:
 
     def __init__(self, out: Path, settings: dict, resume: bool) -> None:
         self.out, self.path, self.parts_dir = out, out / "manifest.json", out / "routing"
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
-        state = json.loads(self.path.read_text()) if resume and self.path.is_file() else None
-        if state is not None and state["settings"] != settings:
+        state = _read_manifest(self.path) if self.path.exists() else None
+        if state is None:
+            others = sorted(p.name for p in out.iterdir() if not (p.name == "routing" and p.is_dir() and
+                                                                   not any(p.iterdir())))
+            if others:
+                raise ValueError(f"{out} is not empty and holds no route-stats run (it has {', '.join(others[:5])}"
+                                 f"{', ...' if len(others) > 5 else ''}); route-stats never deletes or overwrites "
+                                 f"files it did not write: give a new or empty folder as --out")
+        elif not resume:                        # --overwrite: remove this tool's outputs, keep everything else
+            for f in _own_outputs(out):
+                f.unlink()
+            state = None
+        elif state["settings"] != settings:
             changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
             raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)}); resume with the "
                              f"same settings, or start over with --overwrite (resume=False)")
-        self.state = state or {"settings": settings, "parts": [], "texts_done": 0, "tokens_done": 0,
-                               "texts_sha256": hashlib.sha256().hexdigest()}
+        fresh = state is None
+        self.state = state or {"format": MANIFEST_FORMAT, "settings": settings, "parts": [], "texts_done": 0,
+                               "tokens_done": 0, "texts_sha256": hashlib.sha256().hexdigest()}
+        self.state.setdefault("format", MANIFEST_FORMAT)
+        if fresh:                               # the folder is marked as ours before anything else is written
+            _write_json(self.path, self.state)
+        self.parts_dir.mkdir(exist_ok=True)
         committed = {p["file"] for p in self.state["parts"]}
-        for f in self.parts_dir.iterdir():        # the part being written when interrupted, stale parts
-            if f.name not in committed:
+        for f in self.parts_dir.iterdir():      # the part being written when interrupted, stale parts (ours only)
+            if PART_NAME.fullmatch(f.name) and f.name not in committed and f.is_file():
                 f.unlink()
-        if state is None:
-            for name in ("manifest.json", "summary.json", *(f"{t}.parquet" for t in TABLES)):
-                (out / name).unlink(missing_ok=True)
 
     def next_file(self) -> str:
         return f"part-{len(self.state['parts']):05d}.parquet"
@@ -281,7 +337,7 @@ def _aggregate(out: Path, min_count: int, predictions: bool) -> dict[str, Path]:
     paths = {}
     for name, df in tables.items():
         paths[name] = out / f"{name}.parquet"
-        df.to_parquet(paths[name], index=False)
+        _atomic(paths[name], lambda tmp: df.to_parquet(tmp, index=False))
     return paths
 
 
@@ -320,6 +376,8 @@ def route_stats(model, data: str | os.PathLike, out: str | os.PathLike, batch_si
         tok = model.tokenizer = load_tokenizer()
     data, out = Path(data), Path(out)
     texts = read_texts(data, split)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (new, empty, or an earlier route-stats output)")
     out.mkdir(parents=True, exist_ok=True)
     settings = {"data": str(data.resolve()), "split": split, "model": str(model_name) if model_name else None,
                 "config": cfg.to_dict(), "max_tokens_per_text": limit, "truncate": truncate,
@@ -366,7 +424,10 @@ def route_stats(model, data: str | os.PathLike, out: str | os.PathLike, batch_si
     try:
         try:
             for item in texts:
-                ids = tok.encode(item.text)
+                try:
+                    ids = tok.encode(item.text)
+                except ValueError as err:
+                    raise ValueError(f"{data}:{item.line}: the tokenizer cannot encode this text ({err})") from None
                 if len(ids) > limit:
                     if not truncate:
                         raise ValueError(f"{data}:{item.line}: text of {len(ids)} tokens is longer than the limit "

@@ -7,6 +7,7 @@ nothing is downloaded. The chat template reproduces dbrx-instruct's ChatML templ
 from __future__ import annotations
 
 import functools
+import re
 from importlib import resources
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -51,6 +52,45 @@ def _encoding():
         mergeable_ranks=base._mergeable_ranks,
         special_tokens=SPECIAL_TOKENS,
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _pretokenizer():
+    """cl100k's split pattern compiled by the `regex` module (a tiktoken dependency), for `_encode_fallback`."""
+    import regex
+
+    return regex.compile(_encoding()._pat_str)
+
+
+_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+
+
+def _encode_fallback(text: str, allow_special: bool) -> list[int]:
+    """What tiktoken's encode returns, computed piece by piece: special tokens split the text (when allowed),
+    cl100k's pattern splits the rest (Python's `regex`, no stack limit) and each piece is BPE-encoded.
+    tiktoken's Rust regex gives up ("Max stack size exceeded") on a whitespace run of ~1M characters."""
+    enc, pat = _encoding(), _pretokenizer()
+    out: list[int] = []
+    for i, segment in enumerate(_SPECIAL_SPLIT.split(text) if allow_special else [text]):
+        if allow_special and i % 2:
+            out.append(SPECIAL_TOKENS[segment])
+            continue
+        for m in pat.finditer(segment):
+            out += enc._encode_single_piece(m.group().encode("utf-8"))
+    return out
+
+
+def _encode(text: str, allow_special: bool = True) -> list[int]:
+    """tiktoken's encode (special-token text becomes the special token when allow_special; else ordinary text)."""
+    enc = _encoding()
+    try:
+        if allow_special:
+            return enc.encode(text, allowed_special="all")
+        return enc.encode(text, allowed_special=set(), disallowed_special=())
+    except ValueError as err:
+        if "regex" not in str(err).lower():
+            raise
+        return _encode_fallback(text, allow_special)
 
 
 @functools.lru_cache(maxsize=1)
@@ -130,7 +170,7 @@ class DbrxTokenizer:
         """Encode ``text`` -> list[int]. No BOS/EOS; special-token text becomes that token."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        return self._enc.encode(text, allowed_special="all")
+        return _encode(text)
 
     def batch_encode(
         self, texts: str | Sequence[str], max_length: int | None = None
@@ -184,7 +224,7 @@ class DbrxTokenizer:
         bad_max = isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
         if max_length is not None and bad_max:
             raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-        rows = self._enc.encode_batch(list(texts), allowed_special="all")
+        rows = [_encode(t) for t in texts]
         for i, r in enumerate(rows):
             if not r:
                 raise ValueError(f"texts[{i}] is empty: it encodes to no tokens")
@@ -282,6 +322,7 @@ class DbrxTokenizer:
         add_generation_prompt: bool = True,
         tokenize: bool = False,
         use_default_system_prompt: bool = True,
+        escape_special: bool = False,
     ) -> str | list[int]:
         """Render a chat exactly as dbrx-instruct's ChatML template does -> str (or list[int]).
 
@@ -289,8 +330,16 @@ class DbrxTokenizer:
         (unless ``use_default_system_prompt=False``). ``messages``: list of
         ``{"role": "system"|"user"|"assistant", "content": str}``, with at least one message
         that is not the leading system message.
+
+        Special-token text inside a message (``<|im_start|>``, ``<|im_end|>``, ...) becomes that control
+        token by default, as with the released tokenizer and HF: a user can inject turns and roles.
+        ``escape_special=True`` (needs ``tokenize=True``) encodes it as ordinary text instead; only the
+        template's own markers are control tokens. Use it wherever chat content comes from untrusted input.
         """
         self._validate_messages(messages)
+        if escape_special and not tokenize:
+            raise ValueError("escape_special=True needs tokenize=True: rendered text cannot mark which "
+                             "special-token text is message content")
         if messages[0]["role"] == "system":
             system: str | None = messages[0]["content"]
             turns = list(messages[1:])
@@ -299,16 +348,31 @@ class DbrxTokenizer:
             turns = list(messages)
         if not turns:
             raise ValueError("messages has only a system message; add a user message after it")
-        parts = []
+        start, end = "<|im_start|>", "<|im_end|>"
+        parts: list[tuple[str, bool]] = []          # (text, is a template marker)
         if system is not None:
-            parts.append(f"<|im_start|>system\n{system.strip()}<|im_end|>\n")
+            parts += [(start, True), (f"system\n{system.strip()}", False), (end, True), ("\n", False)]
         for k, m in enumerate(turns):
-            sep = "" if k == 0 else "\n"
-            parts.append(f"{sep}<|im_start|>{m['role']}\n{m['content']}<|im_end|>")
+            parts += [("" if k == 0 else "\n", False), (start, True), (f"{m['role']}\n{m['content']}", False),
+                      (end, True)]
         if add_generation_prompt:
-            parts.append("\n<|im_start|>assistant\n")
-        text = "".join(parts)
-        return self.encode(text) if tokenize else text
+            parts += [("\n", False), (start, True), ("assistant\n", False)]
+        if not tokenize:
+            return "".join(text for text, _ in parts)
+        if not escape_special:
+            return self.encode("".join(text for text, _ in parts))
+        ids: list[int] = []
+        text = ""
+        for piece, marker in parts + [("", True)]:
+            if not marker:
+                text += piece                       # text between two markers is one segment, as in encode
+                continue
+            if text:
+                ids += _encode(text, allow_special=False)
+                text = ""
+            if piece:
+                ids.append(SPECIAL_TOKENS[piece])
+        return ids
 
     @staticmethod
     def _validate_messages(messages: Any) -> None:
