@@ -46,6 +46,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    offset: int = 0         # absolute byte offset of the data in the file (the expert-offload runtime reads ranges)
 
 
 def read_config(folder: Path) -> DbrxConfig:
@@ -127,7 +128,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             if type(begin) is not int or type(stop) is not int or not 0 <= begin <= stop or \
                     stop - begin != dtype.itemsize * math.prod(shape):
                 raise ValueError
-            infos[name] = TensorInfo(shape, dtype, path)
+            infos[name] = TensorInfo(shape, dtype, path, 8 + n + begin)
             end = max(end, stop)
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"{path} is not a valid safetensors file (bad header entry for {name!r})") from None
@@ -187,7 +188,7 @@ def read_weights(model: torch.nn.Module, found: dict[str, TensorInfo]) -> None:
     with torch.no_grad():
         for path in dict.fromkeys(info.file for info in found.values()):
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
+                for name in (n for n, info in found.items() if info.file == path):
                     params[name].copy_(f.get_tensor(name))
 
 
@@ -245,6 +246,10 @@ def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike, max_shard
     and a new folder get the permissions the umask allows (0666 / 0777 & ~umask). Returns the folder.
     """
     folder = Path(folder)
+    if getattr(model, "expert_runtime", None) is not None:
+        raise ValueError("save_pretrained: this model's experts are offloaded (load_model(..., experts='offload')) "
+                         "and only read from their checkpoint; copy that checkpoint folder, or load the model with "
+                         "experts='resident' to save it")
     dtype = resolve_dtype(dtype) or model.dtype
     state = model.state_dict()
     if model.config.tie_word_embeddings:

@@ -44,7 +44,9 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str | None = None
                device: torch.device | str | None = None, device_map: str | dict | None = None,
                max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
                seed: int = 0, max_batch_size: int = 1, max_seq_len: int | None = None,
-               experts_impl: str = "auto", attn_impl: str = "auto") -> DbrxLM:
+               experts_impl: str = "auto", attn_impl: str = "auto", experts: str = "resident",
+               expert_cache: int | str | None = None, expert_prefetch: bool = True, expert_compute: str = "auto",
+               expert_host_cache: int | str = 0) -> DbrxLM:
     """A DbrxLM in eval mode from a preset name or an HF-format checkpoint folder.
 
     source: "demo" (the bundled trained tiny model), a config preset ("tiny", "tiny-vocab", "bench":
@@ -59,11 +61,36 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str | None = None
         temporaries, see `runtime_bytes`); max_seq_len defaults to min(config.max_seq_len, 4096). Ignored
         without device_map or with a dict device_map.
     experts_impl, attn_impl: kernel names (dbrx_lab.kernels; "auto" picks per call), as `model.set_kernels`.
+    experts: "resident" (every weight in memory) or "offload" (dbrx_lab.offload: the dense part on `device`,
+        the experts read from the checkpoint's safetensors files as routed, into a cache of whole experts):
+      expert_cache: the cache's size on `device` (bytes or "8GiB"); at least one expert.
+      expert_prefetch: speculatively read the next layer's experts (its router on this layer's input).
+      expert_compute: with a GPU and a host cache, "auto" computes a miss on the CPU when the cost model
+          says that is sooner than copying it (rounding may differ from the GPU's); "fetch" always copies
+          (the resident model's exact results); "cpu" always computes misses on the CPU.
+      expert_host_cache: with a GPU, bytes of pinned host memory caching experts between the file and the GPU.
     The model gets `.tokenizer` when its vocabulary is DBRX's (100352 rows). Dispatched models get
     `.hf_device_map` and `.execution_device` (see the module doc).
     """
     if device is not None and device_map is not None:
         raise ValueError("give either device (one device) or device_map (accelerate dispatch), not both")
+    if experts not in ("resident", "offload"):
+        raise ValueError(f"experts must be 'resident' or 'offload', got {experts!r}")
+    offload = None
+    if experts == "offload":
+        if device_map is not None:
+            raise ValueError("experts='offload' and device_map are exclusive: the offload runtime keeps the dense part "
+                             "on one device (device=) and streams the experts itself; drop device_map")
+        if expert_cache is None:
+            raise ValueError("experts='offload' needs expert_cache= (bytes or a size like '8GiB'): the memory on the "
+                             "model's device for cached experts")
+        if expert_compute not in ("auto", "fetch", "cpu"):
+            raise ValueError(f"expert_compute must be 'auto', 'fetch' or 'cpu', got {expert_compute!r}")
+        from .offload import parse_bytes
+        offload = dict(cache=parse_bytes(expert_cache, "expert_cache"), prefetch=bool(expert_prefetch),
+                       compute=expert_compute, host=parse_bytes(expert_host_cache, "expert_host_cache"))
+    elif expert_cache is not None:
+        raise ValueError("expert_cache applies to experts='offload'")
     EXPERTS.check(experts_impl)
     ATTENTION.check(attn_impl)
     if isinstance(source, str) and source == "demo":
@@ -75,6 +102,10 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str | None = None
     if isinstance(source, str) and source in PRESETS:
         if device_map is not None:
             raise ValueError("device_map applies to checkpoint folders; presets take device=")
+        if offload is not None:
+            raise ValueError(f"experts='offload' reads experts from a checkpoint folder; preset {source!r} has "
+                             f"random weights in memory: save it first (model.save_pretrained(folder)) and load "
+                             f"the folder")
         model = _random_model(source, resolve_dtype(dtype), device, seed)
     else:
         folder = Path(source)
@@ -82,9 +113,12 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str | None = None
             raise FileNotFoundError(f"{str(source)!r} is neither a preset ({', '.join(['demo', *PRESETS])}) nor a "
                                     f"checkpoint folder")
         model = _load_folder(folder, dtype, device, device_map, max_memory, offload_folder, max_batch_size,
-                             max_seq_len)
+                             max_seq_len, offload)
     model.eval()
     model.set_kernels(experts=experts_impl, attention=attn_impl)
+    if offload is not None:                       # the runtime wraps the chosen kernel; every layer runs "offload"
+        model.expert_runtime.inner = experts_impl if experts_impl != "offload" else "auto"
+        model.set_kernels(experts="offload")
     if model.config.vocab_size == VOCAB_SIZE:
         model.tokenizer = load_tokenizer()
     return model
@@ -105,7 +139,7 @@ def _random_model(name: str, dtype: torch.dtype | None, device, seed: int) -> Db
 
 
 def _load_folder(folder: Path, dtype, device, device_map, max_memory, offload_folder, max_batch_size,
-                 max_seq_len) -> DbrxLM:
+                 max_seq_len, offload: dict | None = None) -> DbrxLM:
     cfg = read_config(folder)
     found = checkpoint_tensors(folder)
     dtype = resolve_dtype(dtype) or next(iter(found.values())).dtype
@@ -116,10 +150,34 @@ def _load_folder(folder: Path, dtype, device, device_map, max_memory, offload_fo
     model.to(dtype)                                                  # meta: changes dtypes only
     if device_map is not None:
         return _dispatch(model, folder, dtype, device_map, max_memory, offload_folder, max_batch_size, max_seq_len)
+    if offload is not None:
+        return _load_offloaded(model, found, torch.device(device or "cpu"), dtype, offload)
     model.to_empty(device=device or "cpu")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     read_weights(model, found)
+    return model
+
+
+def _load_offloaded(model: DbrxLM, found: dict, device: torch.device, dtype: torch.dtype, offload: dict) -> DbrxLM:
+    """The dense part on `device`; each layer's ExpertGLU swapped for an OffloadedExperts of one runtime."""
+    from .offload import ExpertStore, OffloadedExperts, OffloadRuntime
+
+    cfg = model.config
+    store = ExpertStore(found, cfg.n_layers, cfg.moe_num_experts, cfg.ffn_hidden_size, cfg.d_model)
+    dense = {n: info for n, info in found.items() if ".ffn.experts.mlp." not in n}
+    runtime = OffloadRuntime(model, store, offload["cache"], device, dtype, prefetch=offload["prefetch"],
+                             compute=offload["compute"], host_cache_bytes=offload["host"])
+    for i, block in enumerate(model.transformer.blocks):
+        block.ffn.experts.mlp = OffloadedExperts(runtime, i, cfg.moe_num_experts, cfg.ffn_hidden_size)
+    model.name_hook_points()
+    model.to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    read_weights(model, dense)
+    runtime.routers = [block.ffn.router.layer for block in model.transformer.blocks]   # allocated now
+    model.expert_runtime = runtime
+    model.expert_cache = runtime.cache
     return model
 
 

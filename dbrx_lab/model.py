@@ -504,11 +504,11 @@ class DbrxModel(HookedMixin, nn.Module):
         self.lm_head = Unembed(cfg.d_model, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        self.hook_points = self._name_hook_points()
-        for block in self.transformer.blocks:
-            block._points = [p for p in self.hook_points.values() if p.layer == block.layer]
+        self.name_hook_points()
         self.tokenizer = None               # set by load_model; used when generate() gets text
         self.execution_device: torch.device | None = None   # accelerate's main device when dispatched
+        self.expert_runtime = None          # dbrx_lab.offload.OffloadRuntime when loaded with experts="offload"
+        self.expert_cache = None            # its fast-tier ExpertCache (`.stats()`)
         self._lock = threading.RLock()      # serializes calls on a dispatched model (accelerate swaps weights)
         self.reset_parameters()
 
@@ -538,6 +538,12 @@ class DbrxModel(HookedMixin, nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     # --- kernels -----------------------------------------------------------------------------------
+    def name_hook_points(self) -> None:
+        """(Re)name every hook point from its module path (after a module swap, e.g. offloaded experts)."""
+        self.hook_points = self._name_hook_points()
+        for block in self.transformer.blocks:
+            block._points = [p for p in self.hook_points.values() if p.layer == block.layer]
+
     def set_kernels(self, experts: str | None = None, attention: str | None = None, linear: str | None = None,
                     screen_greedy: bool | None | str = "keep") -> "DbrxModel":
         """Choose kernels by name for every layer ("auto" picks per call; see dbrx_lab.kernels).

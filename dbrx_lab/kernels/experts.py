@@ -30,6 +30,47 @@ def expert_rows(mlp, e: int) -> slice:
     return slice(e * mlp.ffn, (e + 1) * mlp.ffn)
 
 
+# Weight access. A kernel reads expert weights only through these, so the same kernel (the same decomposition
+# into products, hence the same rounding) runs on the fused resident tensors and on the expert-offload
+# runtime's cache (`dbrx_lab.offload.OffloadedExperts`, which provides the methods named here).
+def expert_weights(mlp, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w1, v1, w2) [F, d] of expert e."""
+    get = getattr(mlp, "expert_weights", None)
+    if get is not None:
+        return get(e)
+    rows = expert_rows(mlp, e)
+    return mlp.w1[rows], mlp.v1[rows], mlp.w2[rows]
+
+
+def pair_weights(mlp, a: int, b: int):
+    """([2, F, d] views of w1, v1, w2 for experts a and b (a <= b), fix): `fix(y, h)` maps the pair's outputs
+    back to (a, b) order when the views hold them otherwise (None: already in order)."""
+    get = getattr(mlp, "pair_weights", None)
+    if get is not None:
+        return get(a, b)
+    Fh, d = mlp.ffn, mlp.w1.shape[1]
+
+    def pair(w: torch.Tensor) -> torch.Tensor:                                # [2, F, d], no copy
+        return w.as_strided((2, Fh, d), ((b - a) * Fh * d, d, 1), w.storage_offset() + a * Fh * d)
+
+    return (pair(mlp.w1), pair(mlp.v1), pair(mlp.w2)), None
+
+
+def all_weights(mlp):
+    """[E, F, d] views of w1, v1, w2 for every expert, or None (the offload runtime holds no such tensor:
+    the padded path then runs each expert's block through the same product)."""
+    if getattr(mlp, "expert_weights", None) is not None:
+        return None
+    E, Fh = mlp.n_experts, mlp.ffn
+    return tuple(w.view(E, Fh, -1) for w in (mlp.w1, mlp.v1, mlp.w2))
+
+
+def is_null(mlp, e: int) -> bool:
+    """Whether expert e's output is known to be unused in this call (offload: an ablated expert not fetched)."""
+    null = getattr(mlp, "null_experts", None)
+    return bool(null) and e in null
+
+
 def _sorted_rows(x: torch.Tensor, experts: torch.Tensor):
     """-> (flat [N*k], order [N*k] pairs sorted by expert (stable), token_of [N*k], counts [E] list)."""
     k = experts.shape[1]
@@ -54,6 +95,20 @@ def combine_in_expert_order(y: torch.Tensor, experts: torch.Tensor) -> torch.Ten
     return out
 
 
+def grouped_glu(mlp, x: torch.Tensor, e: int):
+    """x [n, d] through expert e as the "grouped" kernel computes it -> (output [n, d], GLU hidden [n, F]).
+    The offload runtime may compute it elsewhere (`mlp.compute_expert`: a miss run where its weights are)."""
+    compute = getattr(mlp, "compute_expert", None)
+    if compute is not None:
+        return compute(x, e, _glu_rows)
+    return _glu_rows(x, *expert_weights(mlp, e))
+
+
+def _glu_rows(x, w1, v1, w2):
+    h = F.silu(x @ w1.T) * (x @ v1.T)                                          # [n, F]
+    return h @ w2, h
+
+
 @EXPERTS.register("grouped")
 def grouped_experts(mlp, x, experts, weights, observe=False):
     """One GLU per expert over its rows (gathered once, sorted by expert); a fixed-order combine."""
@@ -68,9 +123,7 @@ def grouped_experts(mlp, x, experts, weights, observe=False):
     for e, n in enumerate(counts):
         if n:
             rows = slice(start, start + n)
-            w = expert_rows(mlp, e)
-            h = F.silu(xs[rows] @ mlp.w1[w].T) * (xs[rows] @ mlp.v1[w].T)
-            ys[rows] = h @ mlp.w2[w]
+            ys[rows], h = grouped_glu(mlp, xs[rows], e)
             if observe:
                 hidden[rows] = h.float().norm(dim=-1)
             start += n
@@ -128,6 +181,8 @@ def padded_rows_ok(experts: int, m: int, routed: int) -> bool:
 
 def contiguous_weights(mlp) -> bool:
     """Whether w1, v1, w2 are contiguous, so [G, F, d] views of experts' rows exist."""
+    if getattr(mlp, "expert_weights", None) is not None:
+        return True                            # the offload cache's slots are contiguous [F, d] blocks
     return mlp.w1.is_contiguous() and mlp.v1.is_contiguous() and mlp.w2.is_contiguous()
 
 
@@ -143,30 +198,35 @@ def expert_pair(mlp, x: torch.Tensor, a: int, b: int, scratch: Scratch | None = 
     """x [2, m, d]: m rows for expert a and m for expert b (a <= b) -> (outputs [2, m, d], hiddens [2, m, F]).
     Expert b's rows lie a fixed stride after a's, so each weight gives a [2, F, d] view and each product is
     one bmm, which torch runs on two threads, one expert each."""
-    Fh, d = mlp.ffn, x.shape[2]
-
-    def pair(w: torch.Tensor) -> torch.Tensor:                                # [2, F, d]
-        return w.as_strided((2, Fh, d), ((b - a) * Fh * d, d, 1), w.storage_offset() + a * Fh * d)
-
+    if is_null(mlp, a) and is_null(mlp, b):
+        return x.new_zeros(x.shape), x.new_zeros(*x.shape[:2], mlp.ffn)
+    (w1, v1, w2), fix = pair_weights(mlp, a, b)
     if x.shape[1] == 1:                        # matrix-vector: weight @ x streams the weights faster
         xT = x.transpose(1, 2)                                                 # [2, d, 1]
-        h = F.silu(torch.bmm(pair(mlp.w1), xT), inplace=True).mul_(torch.bmm(pair(mlp.v1), xT))
+        if fix is not None:
+            xT = xT.flip(0)
+        h = F.silu(torch.bmm(w1, xT), inplace=True).mul_(torch.bmm(v1, xT))
         h = h.transpose(1, 2)                                                  # [2, 1, F]
-        return torch.bmm(h, pair(mlp.w2)), h
-    return glu_bmm(x, pair(mlp.w1), pair(mlp.v1), pair(mlp.w2), scratch)
+        y = torch.bmm(h, w2)
+    else:
+        y, h = glu_bmm(x if fix is None else x.flip(0), w1, v1, w2, scratch)
+    return (y, h) if fix is None else fix(y, h)
 
 
 def one_expert(mlp, x: torch.Tensor, e: int, scratch: Scratch | None = None, out: torch.Tensor | None = None):
     """x [n, d] through expert e -> (output [n, d], GLU hidden [n, F]); with `scratch` the GLU products are
     its buffers and the output is written to `out`."""
-    rows = expert_rows(mlp, e)
+    if is_null(mlp, e):
+        h = x.new_zeros(x.shape[0], mlp.ffn)
+        return (x.new_zeros(x.shape) if out is None else out.zero_()), h
+    w1, v1, w2 = expert_weights(mlp, e)
     if scratch is None:
-        h = F.silu(linear(x, mlp.w1[rows]), inplace=True).mul_(linear(x, mlp.v1[rows]))     # [n, F]
-        return linear(h, mlp.w2[rows].T), h
+        h = F.silu(linear(x, w1), inplace=True).mul_(linear(x, v1))           # [n, F]
+        return linear(h, w2.T), h
     shape = (x.shape[0], mlp.ffn)
-    h = F.silu(torch.mm(x, mlp.w1[rows].T, out=scratch.get("glu_a", shape, x)), inplace=True)
-    h.mul_(torch.mm(x, mlp.v1[rows].T, out=scratch.get("glu_b", shape, x)))
-    return torch.mm(h, mlp.w2[rows], out=out), h
+    h = F.silu(torch.mm(x, w1.T, out=scratch.get("glu_a", shape, x)), inplace=True)
+    h.mul_(torch.mm(x, v1.T, out=scratch.get("glu_b", shape, x)))
+    return torch.mm(h, w2, out=out), h
 
 
 def _pairs_pay(mlp, x: torch.Tensor) -> bool:
@@ -250,7 +310,7 @@ def cpu_experts(mlp, x, experts, weights, observe=False):
     if N == 1 and k > 1 and _pairs_pay(mlp, x):
         return _one_token(mlp, x, experts[0].tolist(), weights, observe)
     E, d = mlp.n_experts, x.shape[1]
-    grad = torch.is_grad_enabled() and (x.requires_grad or mlp.w1.requires_grad)
+    grad = torch.is_grad_enabled() and (x.requires_grad or getattr(getattr(mlp, 'w1', None), 'requires_grad', False))
     scratch = None if grad or not x.is_cpu else SCRATCH
     flat, order, token_of = _sorted_rows(x, experts)
     counts = torch.bincount(flat, minlength=E)                                 # [E]
@@ -262,8 +322,11 @@ def cpu_experts(mlp, x, experts, weights, observe=False):
         row = expert_of * m + torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[expert_of]
         xp = scratch_tensor(scratch, "moe_pad", (E * m, d), x, zero=True)
         xp.index_copy_(0, row, xs)
-        w1, v1, w2 = (w.view(E, mlp.ffn, d) for w in (mlp.w1, mlp.v1, mlp.w2))
-        y, h = glu_bmm(xp.view(E, m, d), w1, v1, w2, scratch)                  # [E, m, d], [E, m, F]
+        stacked = all_weights(mlp)
+        if stacked is not None:
+            y, h = glu_bmm(xp.view(E, m, d), *stacked, scratch)                # [E, m, d], [E, m, F]
+        else:                                  # offloaded: each expert's block alone (bmm's rounding is per block)
+            y, h = _padded_each(mlp, xp.view(E, m, d), counts.tolist())
         ys = torch.index_select(y.view(E * m, d), 0, row, out=scratch_out(scratch, "moe_y", (N * k, d), x))
         if observe:
             hidden = h.view(E * m, -1).index_select(0, row).float().norm(dim=-1)
@@ -278,7 +341,23 @@ def cpu_experts(mlp, x, experts, weights, observe=False):
     return out, unweighted, None if hidden is None else _unsort(hidden, order, N, k)
 
 
+def _padded_each(mlp, xp: torch.Tensor, n_of: list[int]):
+    """The padded path without an [E, F, d] tensor: xp [E, m, d] -> ([E, m, d], [E, m, F]), each expert's m rows
+    through the same GLU products as one block of `glu_bmm` (equal bits: torch's CPU bmm runs each block as an
+    mm, tested); experts without rows, or not needed, give zeros."""
+    E, m, d = xp.shape
+    y, h = xp.new_zeros(E, m, d), xp.new_zeros(E, m, mlp.ffn)
+    for e, n in enumerate(n_of):
+        if n and not is_null(mlp, e):
+            w1, v1, w2 = expert_weights(mlp, e)
+            h[e] = F.silu(torch.mm(xp[e], w1.T)) * torch.mm(xp[e], v1.T)
+            y[e] = torch.mm(h[e], w2)
+    return y, h
+
+
 def _choose(mlp, x: torch.Tensor) -> str:
+    if getattr(mlp, "runtime", None) is not None:
+        return "offload"                       # experts offloaded (dbrx_lab.offload): the runtime picks the inner one
     return "cpu" if x.is_cpu else "grouped"
 
 

@@ -1,0 +1,713 @@
+"""Expert offload: run a checkpoint whose experts do not fit in memory by reading only the routed experts.
+
+`load_model(path, experts="offload", expert_cache="8GiB")` loads the dense part (attention, embeddings,
+routers, norms, lm_head) on the model's device and leaves the experts in the checkpoint's safetensors files.
+In the released layout an expert e of a layer is rows e*F:(e+1)*F of the fused `ffn.experts.mlp.{w1,v1,w2}`
+tensors, i.e. one byte range per tensor, and adjacent experts are adjacent ranges.
+
+Tiers. The fast tier is an `ExpertCache` of whole experts on the model's device, at most `expert_cache` bytes
+of slots (LRU). Below it: the file (an `ExpertStore`), read with `os.preadv` straight into the slots (one
+system call per run of adjacent experts, scattered into their slots; no intermediate copy when the
+checkpoint's dtype is the model's) and dropped from the page cache after each read (`POSIX_FADV_DONTNEED`),
+so a run never depends on the OS caching the file. With a GPU, a second `ExpertCache` in pinned host memory
+(`expert_host_cache` bytes, optional) sits between the GPU and the file, and a miss is either copied to the
+GPU or computed on the CPU where its weights are (Fiddler), as `CostModel` says is sooner.
+
+The runtime is the experts kernel "offload" (`kernels.EXPERTS`): it fetches the layer's needed experts (misses
+in contiguous reads), issues a speculative prefetch of the next layer's experts (that layer's router applied
+to this layer's input, as mixtral-offloading) on a background IO thread, and runs the same inner kernel the
+resident model would ("cpu" or "grouped") on the cached weights, so hooks, traces and interventions see the
+same tensors and the logits are bit for bit the resident model's. Experts whose applied weight is 0 for every
+row (ablated with mode "zero" or "renormalize") are not fetched unless their outputs are observed.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .hooks import HookPoint, current_call
+from .kernels.experts import _glu_rows
+from .kernels.registry import EXPERTS
+
+__all__ = ["parse_bytes", "ExpertStore", "ExpertCache", "CostModel", "OffloadedExperts", "OffloadRuntime",
+           "HIT", "MISS", "PREFETCHED", "SKIPPED", "CPU"]
+
+EXPERT_TENSORS = ("w1", "v1", "w2")
+HIT, MISS, PREFETCHED, SKIPPED, CPU = 1, 0, 2, -1, 3    # per-token codes of `hook_cache` / Record(cache=True)
+CODE_NAMES = {HIT: "hit", MISS: "miss", PREFETCHED: "prefetched", SKIPPED: "skipped", CPU: "cpu"}
+_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(value, name: str = "expert_cache") -> int:
+    """A byte count from an int or a string like "8GiB", "500 MB", "1.5GB"; ValueError otherwise."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{name} must be a number of bytes or a size like '8GiB', got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, float) and value == value and value not in (float("inf"), float("-inf")):
+        n = int(value)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"{name} must be a number of bytes or a size like '8GiB' or '500MB' "
+                             f"(units: {', '.join(u for u in _UNITS if u)}), got {value!r}")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    else:
+        raise ValueError(f"{name} must be a number of bytes or a size like '8GiB', got {value!r}")
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0 bytes, got {value!r}")
+    return n
+
+
+# ------------------------------------------------------------------------------------------------
+# slow tier: the checkpoint's files
+@dataclass(frozen=True)
+class _Span:
+    path: str
+    offset: int            # absolute byte offset of row 0
+    row_bytes: int         # bytes of one expert's F rows
+    dtype: torch.dtype
+
+
+class ExpertStore:
+    """Expert weights read by byte range from a checkpoint's safetensors files (the released fused layout)."""
+
+    def __init__(self, found: dict, n_layers: int, n_experts: int, ffn: int, d: int) -> None:
+        self.n_layers, self.n_experts, self.ffn, self.d = n_layers, n_experts, ffn, d
+        self.spans: dict[tuple[int, str], _Span] = {}
+        problems = []
+        for layer in range(n_layers):
+            for w in EXPERT_TENSORS:
+                name = f"transformer.blocks.{layer}.ffn.experts.mlp.{w}"
+                info = found.get(name)
+                if info is None or tuple(info.shape) != (n_experts * ffn, d):
+                    problems.append(f"{name}: expected [{n_experts * ffn}, {d}] (experts fused row-wise), found "
+                                    f"{'nothing' if info is None else list(info.shape)}")
+                    continue
+                row_bytes = ffn * d * info.dtype.itemsize
+                self.spans[layer, w] = _Span(str(info.file), info.offset, row_bytes, info.dtype)
+        if problems:
+            raise ValueError("experts='offload' reads experts as row ranges of the released fused layout "
+                             "(ffn.experts.mlp.{w1,v1,w2} of [E*F, d] per layer); this checkpoint differs: "
+                             + "; ".join(problems[:4]) + (f" (and {len(problems) - 4} more)" if len(problems) > 4
+                                                         else "") + ". Load it with experts='resident'.")
+        self.dtype = self.spans[0, "w1"].dtype
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.expert_bytes = 3 * ffn * d * self.dtype.itemsize     # one expert as stored
+
+    def _fd(self, path: str) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            return fd
+
+    def read_run(self, layer: int, first: int, dests: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> int:
+        """Experts first, first+1, ... (one per entry of `dests`: (w1, v1, w2) [F, d] CPU tensors in the stored
+        dtype) read with one `preadv` per tensor (a contiguous range of the file scattered into the
+        destinations); the range is then dropped from the page cache. Returns the bytes read."""
+        total = 0
+        for i, w in enumerate(EXPERT_TENSORS):
+            span = self.spans[layer, w]
+            fd = self._fd(span.path)
+            offset = span.offset + first * span.row_bytes
+            bufs = [memoryview(d[i].view(torch.uint8).numpy()).cast("B") for d in dests]   # writable views
+            want = span.row_bytes * len(dests)
+            got = 0
+            while got < want:                              # preadv may return short counts
+                n = os.preadv(fd, _advance(bufs, got), offset + got)
+                if n <= 0:
+                    raise OSError(f"{span.path}: unexpected end of file reading expert rows of layer {layer}")
+                got += n
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, offset, want, os.POSIX_FADV_DONTNEED)
+            total += want
+        return total
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _advance(bufs: list[memoryview], skip: int) -> list[memoryview]:
+    out = []
+    for b in bufs:
+        if skip >= len(b):
+            skip -= len(b)
+            continue
+        out.append(b[skip:])
+        skip = 0
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# fast tier
+class _Stats:
+    FIELDS = ("calls", "needed", "hits", "misses", "prefetched_hits", "skipped", "cpu_computed", "transient_reads",
+              "bytes_read",
+              "prefetch_issued", "prefetch_used", "prefetch_wasted", "io_wait_s", "read_s")
+
+    def __init__(self, n_layers: int) -> None:
+        self.rows = [dict.fromkeys(self.FIELDS, 0) for _ in range(n_layers)]
+
+    def add(self, layer: int, **values) -> None:
+        row = self.rows[layer]
+        for k, v in values.items():
+            row[k] += v
+
+
+class ExpertCache:
+    """Whole experts on one device, in slots of three [S, F, d] tensors (w1, v1, w2), evicted least recently
+    used; at most `budget` bytes of slots. Reads come from `source` (an ExpertStore, or a host ExpertCache)
+    on one background IO thread; `stats()` counts hits, misses, bytes read, prefetches and IO waits per layer."""
+
+    def __init__(self, store: ExpertStore, budget: int, device: torch.device, dtype: torch.dtype,
+                 pin: bool = False, source: "ExpertCache | None" = None, name: str = "expert_cache") -> None:
+        self.store, self.source, self.device, self.dtype = store, source, torch.device(device), dtype
+        L, E, Fh, d = store.n_layers, store.n_experts, store.ffn, store.d
+        self.expert_bytes = 3 * Fh * d * dtype.itemsize
+        if budget < self.expert_bytes:
+            raise ValueError(f"{name}={budget} bytes is smaller than one expert ({self.expert_bytes} bytes = 3 x "
+                             f"{Fh} x {d} x {dtype.itemsize}); give at least {self.expert_bytes} (e.g. "
+                             f"'{-(-self.expert_bytes // 2 ** 20)}MiB'), or more to cache several experts")
+        self.n_slots = min(budget // self.expert_bytes, L * E)
+        self.budget = budget
+        kw = dict(dtype=dtype, device=self.device)
+        self.slots = [torch.empty(self.n_slots, Fh, d, **kw) for _ in EXPERT_TENSORS]
+        if pin and self.device.type == "cpu" and torch.cuda.is_available():
+            self.slots = [s.pin_memory() for s in self.slots]
+        self.where: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()   # LRU: oldest first
+        self.free = list(range(self.n_slots))[::-1]
+        self.loading: dict[tuple[int, int], Future] = {}
+        self.from_prefetch: set[tuple[int, int]] = set()
+        self.pinned: collections.Counter = collections.Counter()
+        self.lock = threading.RLock()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dbrx-lab-expert-io")
+        self._stats = _Stats(L)
+        self._staging: dict[tuple, torch.Tensor] = {}
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    # --- public ----------------------------------------------------------------------------------
+    def stats(self):
+        """Per-layer counters as a pandas DataFrame (hit_rate, prefetch_recall derived)."""
+        import pandas as pd
+
+        with self.lock:
+            df = pd.DataFrame(self._stats.rows)
+        df.index.name = "layer"
+        looked = df["hits"] + df["misses"] + df["prefetched_hits"] + df["cpu_computed"]
+        df["hit_rate"] = ((df["hits"] + df["prefetched_hits"]) / looked.where(looked > 0)).astype(float)
+        wanted = df["prefetched_hits"] + df["misses"] + df["cpu_computed"]
+        df["prefetch_recall"] = (df["prefetched_hits"] / wanted.where(wanted > 0)).astype(float)
+        return df
+
+    def reset_stats(self) -> None:
+        with self.lock:
+            self._stats = _Stats(self.store.n_layers)
+
+    def clear(self) -> None:
+        """Forget every cached expert (waits for reads in flight)."""
+        self.wait_all()
+        with self.lock:
+            self.where.clear()
+            self.from_prefetch.clear()
+            self.free = list(range(self.n_slots))[::-1]
+
+    def cached(self) -> list[tuple[int, int]]:
+        """(layer, expert) pairs held now, least recently used first."""
+        with self.lock:
+            return [key for key in self.where if key not in self.loading]
+
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.slots)
+
+    def wait_all(self) -> None:
+        for fut in list(self.loading.values()):
+            fut.exception()
+
+    def close(self) -> None:
+        self.wait_all()
+        self.pool.shutdown(wait=True)
+
+    # --- slots -----------------------------------------------------------------------------------
+    def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(s[slot] for s in self.slots)
+
+    def _take_slot(self) -> int | None:
+        """A free slot, or the least recently used one not pinned or loading (evicted); None if all are busy."""
+        if self.free:
+            return self.free.pop()
+        for key, slot in self.where.items():
+            if not self.pinned[key] and key not in self.loading:
+                del self.where[key]
+                if key in self.from_prefetch:
+                    self.from_prefetch.discard(key)
+                    self._stats.add(key[0], prefetch_wasted=1)
+                return slot
+        return None
+
+    def status(self, layer: int, e: int) -> int:
+        """HIT, PREFETCHED (brought by a prefetch not yet used) or MISS, without changing anything."""
+        key = (layer, e)
+        if key in self.where:
+            return PREFETCHED if key in self.from_prefetch else HIT
+        return MISS
+
+    def acquire(self, layer: int, experts: list[int]) -> dict[int, int]:
+        """Pin experts of a layer (ascending), reading the misses in runs of adjacent experts (one read each);
+        returns {expert: slot} for those that fit (the rest: `acquire_one` when the kernel reaches them)."""
+        out, todo = {}, []
+        with self.lock:
+            for e in experts:
+                key = (layer, e)
+                if key in self.where:
+                    self.where.move_to_end(key)
+                    self.pinned[key] += 1
+                    out[e] = self.where[key]
+                    if key in self.from_prefetch:
+                        self.from_prefetch.discard(key)
+                        self._stats.add(layer, prefetch_used=1)
+                else:
+                    slot = self._take_slot()
+                    if slot is None:
+                        break
+                    self.where[key] = slot
+                    self.pinned[key] += 1
+                    out[e] = slot
+                    todo.append(e)
+        for run in _runs(todo):
+            self._read(layer, run, [out[e] for e in run])
+        for e in out:
+            self._wait(layer, e)
+        return out
+
+    def acquire_one(self, layer: int, e: int) -> int | None:
+        got = self.acquire(layer, [e])
+        return got.get(e)
+
+    def release(self, layer: int, experts) -> None:
+        with self.lock:
+            for e in experts:
+                key = (layer, e)
+                self.pinned[key] -= 1
+                if self.pinned[key] <= 0:
+                    del self.pinned[key]
+
+    def prefetch(self, layer: int, experts: list[int]) -> int:
+        """Start background reads of experts not held (as many as free or evictable slots allow); returns the
+        number issued. A wrong guess costs bandwidth and a slot, never correctness."""
+        todo, slots = [], []
+        with self.lock:
+            for e in experts:
+                key = (layer, e)
+                if key in self.where:
+                    continue
+                slot = self._take_slot()
+                if slot is None:
+                    break
+                self.where[key] = slot
+                self.from_prefetch.add(key)
+                todo.append(e)
+                slots.append(slot)
+            if todo:
+                self._stats.add(layer, prefetch_issued=len(todo))
+        slot_of = dict(zip(todo, slots))
+        for run in _runs(todo):
+            self._read(layer, run, [slot_of[e] for e in run])
+        return len(todo)
+
+    def read_transient(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert e read into new tensors outside the cache (every slot pinned: a cache of one expert)."""
+        Fh, d = self.store.ffn, self.store.d
+        t0 = time.perf_counter()
+        stage = tuple(torch.empty(Fh, d, dtype=self.store.dtype) for _ in EXPERT_TENSORS)
+        nbytes = self.store.read_run(layer, e, [stage])
+        out = tuple(w.to(self.device, self.dtype) for w in stage)
+        with self.lock:
+            self._stats.add(layer, bytes_read=nbytes, read_s=time.perf_counter() - t0, transient_reads=1)
+        return out
+
+    # --- IO --------------------------------------------------------------------------------------
+    def _read(self, layer: int, run: list[int], slots: list[int]) -> None:
+        fut = self.pool.submit(self._read_now, layer, run, slots)
+        with self.lock:
+            for e in run:
+                self.loading[layer, e] = fut
+
+    def _wait(self, layer: int, e: int) -> None:
+        fut = self.loading.get((layer, e))
+        if fut is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            fut.result()
+        except BaseException:
+            with self.lock:
+                for key in [k for k, f in self.loading.items() if f is fut]:
+                    self.loading.pop(key, None)
+                    slot = self.where.pop(key, None)
+                    if slot is not None:
+                        self.free.append(slot)
+            raise
+        with self.lock:
+            self._stats.add(layer, io_wait_s=time.perf_counter() - t0)
+            self.loading.pop((layer, e), None)
+
+    def _read_now(self, layer: int, run: list[int], slots: list[int]) -> None:
+        t0 = time.perf_counter()
+        dests = [self.weights(s) for s in slots]
+        if self.source is not None:                    # GPU slot <- host cache (pinned) <- file
+            got = self.source.acquire(layer, run)
+            try:
+                with _stream(self._copy_stream):
+                    for dst, e in zip(dests, run):
+                        for a, b in zip(dst, self.source.weights(got[e])):
+                            a.copy_(b, non_blocking=True)
+                if self._copy_stream is not None:
+                    self._copy_stream.synchronize()
+            finally:
+                self.source.release(layer, run)
+            nbytes = 0
+        elif self.device.type == "cpu" and self.store.dtype == self.dtype:
+            nbytes = self.store.read_run(layer, run[0], dests)          # straight into the slots
+        else:                                          # staging in the stored dtype, then convert / copy
+            nbytes = 0
+            for dst, e in zip(dests, run):
+                stage = self._stage()
+                nbytes += self.store.read_run(layer, e, [stage])
+                with _stream(self._copy_stream):
+                    for a, b in zip(dst, stage):
+                        a.copy_(b, non_blocking=self._copy_stream is not None)
+                if self._copy_stream is not None:
+                    self._copy_stream.synchronize()
+        with self.lock:
+            self._stats.add(layer, bytes_read=nbytes, read_s=time.perf_counter() - t0)
+
+    def _stage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = threading.get_ident()
+        stage = self._staging.get(key)
+        if stage is None:
+            Fh, d = self.store.ffn, self.store.d
+            stage = torch.empty(3, Fh, d, dtype=self.store.dtype)
+            if self.device.type == "cuda":
+                stage = stage.pin_memory()
+            self._staging[key] = stage
+        return tuple(stage)
+
+
+class _stream:
+    """`torch.cuda.stream(s)` when s is a CUDA stream, else nothing."""
+
+    def __init__(self, stream) -> None:
+        self.ctx = torch.cuda.stream(stream) if stream is not None else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx is not None else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx is not None else False
+
+
+def _runs(experts: list[int]) -> list[list[int]]:
+    """Ascending expert ids cut into runs of adjacent ids (each run is one contiguous range of the file)."""
+    runs: list[list[int]] = []
+    for e in sorted(experts):
+        if runs and runs[-1][-1] == e - 1:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------
+class CostModel:
+    """When a GPU-tier miss is sooner computed on the CPU (its weights are in host memory) than copied to
+    the GPU: copy = bytes / pcie_bw; CPU = rows * 3 * 2 * F * d / cpu_flops + bytes / ram_bw (the weights are
+    read once) + the rows' transfers. Bandwidths and throughput are measured once at load (`measure`)."""
+
+    def __init__(self, pcie_bw: float, cpu_flops: float, ram_bw: float) -> None:
+        self.pcie_bw, self.cpu_flops, self.ram_bw = pcie_bw, cpu_flops, ram_bw
+
+    def cpu_is_sooner(self, rows: int, expert_bytes: int, ffn: int, d: int, itemsize: int) -> bool:
+        copy = expert_bytes / self.pcie_bw
+        cpu = rows * 6 * ffn * d / self.cpu_flops + expert_bytes / self.ram_bw + 2 * rows * d * itemsize / self.pcie_bw
+        return cpu < copy
+
+    @classmethod
+    def measure(cls, device: torch.device, dtype: torch.dtype) -> "CostModel":
+        n = 64 * 2 ** 20
+        host = torch.empty(n, dtype=torch.uint8).pin_memory()
+        dev = torch.empty(n, dtype=torch.uint8, device=device)
+        dev.copy_(host)
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize(device)
+        pcie = 4 * n / (time.perf_counter() - t0)
+        a, b = torch.randn(512, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        a @ b
+        t0 = time.perf_counter()
+        a @ b
+        flops = 2 * 512 * 1024 * 1024 / (time.perf_counter() - t0)
+        big = torch.empty(n // 4, dtype=torch.float32)
+        t0 = time.perf_counter()
+        big.sum()
+        ram = n / (time.perf_counter() - t0)
+        return cls(pcie, flops, ram)
+
+
+class OffloadedExperts(nn.Module):
+    """Stands in for a layer's `ExpertGLU` when its experts are offloaded: no parameters; the kernels read each
+    expert's (w1, v1, w2) [F, d] through `expert_weights` / `pair_weights` from the runtime's cache.
+
+    `hook_cache` [batch, pos, k] (int8) says, per routed expert, where it came from in this call: 1 hit,
+    2 brought by a prefetch, 0 read on demand (miss), 3 computed on the CPU, -1 not fetched (applied weight
+    0 and not observed). It is computed only when something observes it (`Record(cache=True)`)."""
+
+    def __init__(self, runtime: "OffloadRuntime", layer: int, n_experts: int, ffn: int) -> None:
+        super().__init__()
+        self.runtime, self.layer, self.n_experts, self.ffn = runtime, layer, n_experts, ffn
+        self.hook_cache = HookPoint(("batch", "pos", "k"))
+        self._call = threading.local()
+
+    # the call's working state (per thread: concurrent forwards on one model share the cache, not this)
+    @property
+    def null_experts(self) -> frozenset:
+        return getattr(self._call, "null", frozenset())
+
+    @property
+    def slots(self) -> dict:
+        return getattr(self._call, "slots", {})
+
+    def expert_weights(self, e: int):
+        if not hasattr(self._call, "slots"):
+            raise RuntimeError("an offloaded layer's experts are computed by the 'offload' experts kernel; choose "
+                               "the kernel it wraps with model.expert_runtime.inner = 'cpu' | 'grouped' | 'reference'")
+        slot = self.slots.get(e)
+        if slot is None:
+            tmp = self._call.tmp.get(e)
+            if tmp is not None:
+                return tmp
+            slot = self._acquire(e)
+            if slot is None:
+                return self._call.tmp[e]
+        return self.runtime.cache.weights(slot)
+
+    def _acquire(self, e: int) -> int | None:
+        """Expert e on demand (the cache holds fewer experts than the layer needs): into a slot, keeping the
+        last two on-demand experts pinned (a pair), or, when no slot can be had, into a transient copy."""
+        cache, call = self.runtime.cache, self._call
+        if len(call.extra) >= 2:                       # the window of two: free the oldest first
+            old = call.extra.pop(0)
+            call.slots.pop(old, None)
+            cache.release(self.layer, [old])
+        slot = cache.acquire_one(self.layer, e)
+        if slot is None:
+            call.tmp[e] = cache.read_transient(self.layer, e)
+            return None
+        call.slots[e] = slot
+        call.extra.append(e)
+        return slot
+
+    def pair_weights(self, a: int, b: int):
+        """[2, F, d] views of experts a and b over the cache's slot tensors (no copy), ordered by slot; `fix`
+        restores (a, b) order. A null expert (not fetched) is computed as its partner, and zeroed."""
+        cache = self.runtime.cache
+        null_a, null_b = a in self.null_experts, b in self.null_experts
+        if null_a:
+            a = b
+        if null_b:
+            b = a
+        wa = self.expert_weights(a)
+        wb = self.expert_weights(b)
+        sa, sb = self.slots.get(a), self.slots.get(b)
+        if sa is None or sb is None:                   # a transient copy: the pair as one stacked copy
+            views = tuple(torch.stack([x, y]) for x, y in zip(wa, wb))
+            sa, sb, stacked = 0, 1, True
+        else:
+            stacked = False
+        swap = sb < sa
+        lo, hi = (sb, sa) if swap else (sa, sb)
+        if not stacked:
+            views = tuple(_pair_view(s, lo, hi) for s in cache.slots)
+
+        def fix(y, h):
+            if swap:
+                y, h = y.flip(0), h.flip(0)
+            if null_a or null_b:
+                y, h = y.clone(), h.clone()
+                for i, null in enumerate((null_a, null_b)):
+                    if null:
+                        y[i], h[i] = 0, 0
+            return y, h
+
+        return views, (fix if swap or null_a or null_b else None)
+
+    def compute_expert(self, x: torch.Tensor, e: int, glu):
+        """x [n, d] through expert e ("grouped" kernel): on the fast tier, or on the CPU when the runtime chose
+        to compute this miss where its weights are (Fiddler)."""
+        if e in self.null_experts:
+            return x.new_zeros(x.shape), x.new_zeros(x.shape[0], self.ffn)
+        host = getattr(self._call, "on_cpu", {}).get(e)
+        if host is not None:
+            y, h = glu(x.to("cpu", non_blocking=False), *self.runtime.host.weights(host))
+            return y.to(x.device), h.to(x.device)
+        return glu(x, *self.expert_weights(e))
+
+    def expert(self, x: torch.Tensor, e: int):
+        """x [n, d] through expert e -> (output, GLU hidden): the reference kernel's per-expert step."""
+        return _glu_rows(x, *self.expert_weights(e))
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, n_experts={self.n_experts}, ffn={self.ffn}, offloaded"
+
+
+def _pair_view(s: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    S, Fh, d = s.shape
+    return s.as_strided((2, Fh, d), ((hi - lo) * Fh * d, d, 1), s.storage_offset() + lo * Fh * d)
+
+
+class OffloadRuntime:
+    """The caches, the routers used for prefetch guesses, and the per-call logic of the "offload" kernel."""
+
+    def __init__(self, model, store: ExpertStore, cache_bytes: int, device: torch.device, dtype: torch.dtype,
+                 prefetch: bool = True, compute: str = "auto", host_cache_bytes: int = 0) -> None:
+        if compute not in ("auto", "fetch", "cpu"):
+            raise ValueError(f"expert_compute must be 'auto', 'fetch' or 'cpu', got {compute!r}")
+        self.store, self.device, self.dtype, self.prefetch_enabled = store, torch.device(device), dtype, prefetch
+        self.compute = compute
+        self.host = None
+        if self.device.type != "cpu" and host_cache_bytes:
+            self.host = ExpertCache(store, host_cache_bytes, torch.device("cpu"), dtype, pin=True,
+                                    name="expert_host_cache")
+        self.cache = ExpertCache(store, cache_bytes, self.device, dtype, source=self.host)
+        self.cost = None
+        if self.device.type == "cuda" and self.host is not None and compute == "auto":
+            self.cost = CostModel.measure(self.device, dtype)
+        self.routers = [block.ffn.router.layer for block in model.transformer.blocks]
+        self.top_k = model.config.moe_top_k
+        self.inner = "auto"
+
+    def layer_call(self, mlp: OffloadedExperts, x, experts, weights, observe: bool):
+        """Context for one experts call of layer `mlp.layer`: acquire the needed experts, prefetch the next
+        layer's guess, emit `hook_cache`, release after."""
+        return _LayerCall(self, mlp, x, experts, weights, observe)
+
+    def guess_next(self, layer: int, x: torch.Tensor) -> list[int]:
+        """The experts layer+1's router picks for this layer's input x [N, d] (speculative; no hooks run)."""
+        w = self.routers[layer + 1].weight
+        logits = F.linear(x.to(w.dtype), w)                                   # [N, E]
+        picked = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices.unique()
+        return picked.tolist()
+
+
+class _LayerCall:
+    def __init__(self, runtime: OffloadRuntime, mlp: OffloadedExperts, x, experts, weights, observe) -> None:
+        self.rt, self.mlp, self.x, self.experts, self.weights, self.observe = runtime, mlp, x, experts, weights, observe
+
+    def __enter__(self):
+        rt, mlp, layer = self.rt, self.mlp, self.mlp.layer
+        E = mlp.n_experts
+        flat = self.experts.reshape(-1)
+        counts = torch.bincount(flat, minlength=E)
+        if self.observe:
+            needed_mask = counts > 0
+        else:                                          # an expert with weight 0 on every row is not fetched
+            live = torch.zeros(E, dtype=torch.long, device=flat.device).index_add_(
+                0, flat, (self.weights.reshape(-1) != 0).long())
+            needed_mask = live > 0
+        both = torch.stack([counts > 0, needed_mask]).tolist()                    # one host sync
+        routed = [e for e in range(E) if both[0][e]]
+        needed = [e for e in range(E) if both[1][e]]
+        null = frozenset(e for e in routed if not both[1][e])
+        cache = rt.cache
+        with cache.lock:
+            status = {e: cache.status(layer, e) for e in needed}
+        on_cpu: dict[int, int] = {}
+        if rt.host is not None and rt.compute != "fetch":
+            rows = dict(zip(range(E), counts.tolist()))
+            for e in needed:
+                if status[e] != MISS:
+                    continue
+                if rt.compute == "cpu" or rt.cost.cpu_is_sooner(rows[e], cache.expert_bytes, mlp.ffn,
+                                                                self.x.shape[1], self.x.element_size()):
+                    on_cpu[e] = None
+        fetch = [e for e in needed if e not in on_cpu]
+        call = mlp._call
+        call.null, call.extra, call.tmp = null, [], {}
+        # all at once (misses in contiguous runs) when they fit beside what other threads pin; else on demand
+        call.slots = cache.acquire(layer, fetch) if len(fetch) <= cache.n_slots - len(cache.pinned) else {}
+        if on_cpu:
+            got = rt.host.acquire(layer, list(on_cpu))
+            on_cpu = {e: got[e] for e in on_cpu}
+        call.on_cpu = on_cpu
+        self.acquired = list(call.slots)
+        self.host_acquired = list(on_cpu)
+        hits = sum(status[e] == HIT for e in needed)
+        pre = sum(status[e] == PREFETCHED for e in needed)
+        with cache.lock:
+            cache._stats.add(layer, calls=1, needed=len(needed), hits=hits, prefetched_hits=pre,
+                             misses=len(fetch) - hits - pre, cpu_computed=len(on_cpu), skipped=len(null))
+        if rt.prefetch_enabled and layer + 1 < len(rt.routers):
+            guess = rt.guess_next(layer, self.x)
+            cache.prefetch(layer + 1, guess)
+        if mlp.hook_cache.fns:
+            lut = torch.full((E,), SKIPPED, dtype=torch.int8)
+            for e in needed:
+                lut[e] = CPU if e in on_cpu else status[e]
+            codes = lut.to(flat.device)[self.experts]                            # [N, k]
+            cols = current_call().columns
+            t = len(cols) if cols is not None else codes.shape[0]
+            mlp.hook_cache(codes.view(-1, t, codes.shape[1]) if t and codes.shape[0] % t == 0
+                           else codes[None])
+        return self
+
+    def __exit__(self, *exc):
+        rt, mlp, layer = self.rt, self.mlp, self.mlp.layer
+        call = mlp._call
+        rt.cache.release(layer, list(call.slots))
+        if self.host_acquired:
+            rt.host.release(layer, self.host_acquired)
+        for name in ("slots", "null", "extra", "on_cpu", "tmp"):
+            if hasattr(call, name):
+                delattr(call, name)
+        return False
+
+
+@EXPERTS.register("offload")
+def offload_experts(mlp, x, experts, weights, observe=False):
+    """The expert-offload runtime as an experts kernel: the layer's experts from the cache, then the inner
+    kernel the resident model would run ("auto": "cpu" on a CPU, "grouped" elsewhere)."""
+    runtime = getattr(mlp, "runtime", None)
+    if runtime is None:
+        raise ValueError("the 'offload' experts kernel needs a model loaded with load_model(..., experts='offload')")
+    name, kernel = EXPERTS.choose(runtime.inner, _Resident(mlp), x)
+    with runtime.layer_call(mlp, x, experts, weights, observe):
+        return kernel(mlp, x, experts, weights, observe)
+
+
+class _Resident:
+    """What the chooser sees: the resident layer's type, so "auto" picks the kernel the resident model runs."""
+
+    def __init__(self, mlp) -> None:
+        self.n_experts, self.ffn = mlp.n_experts, mlp.ffn
