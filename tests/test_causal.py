@@ -31,6 +31,12 @@ from conftest import widen_
 X, Y, Z, A, B = 10, 11, 12, 20, 21
 
 
+@pytest.fixture(scope="module")
+def demo_model():
+    """The bundled demo model (read-only: tests attach hooks and interventions with context managers only)."""
+    return dbrx_lab.load_model("demo")
+
+
 @torch.no_grad()
 def planted_model(carriers=(5,), s: float = 30.0, seed: int = 0) -> DbrxLM:
     """See the module doc. carriers: layer-0 experts that write c = 10 q3 at X, Y and Z."""
@@ -212,3 +218,69 @@ def test_router_steer_positions_and_errors(tiny_model, make_ids):
         with tiny_model.intervene(RouterSteer(0, [1], mode="max")):
             raise RuntimeError("boom")
     assert not tiny_model.transformer.blocks[0].ffn.edits
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. counterfactual routing
+@pytest.mark.parametrize("variant", ["downstream", "frozen"])
+def test_counterfactual_routing_known_regret(variant):
+    from dbrx_lab.analysis.counterfactual import counterfactual_routing
+
+    model = planted_model(carriers=(5,))
+    result = counterfactual_routing(model, [Z, A, X, A], positions=[0, 2], variant=variant, progress=False)
+    t = result.table.set_index(["position", "layer"])
+    assert result.losses.shape == (2, 2, math.comb(16, 4)) and (t.n_sets == 1820).all()
+    # Z: the router picks four experts that write nothing; expert 5 (its 5th choice) carries the answer
+    z = t.loc[(0, 0)]
+    assert z.router_set == "{0,1,2,3}" and z["rank"] == 1 + math.comb(15, 3) and z.regret > 5
+    assert "5" in z.best_set.strip("{}").split(",")
+    # X: the router gives expert 5 weight 1; no set does better (all sets with 5 tie exactly)
+    x = t.loc[(2, 0)]
+    assert x["rank"] == 1 and x.regret == 0.0 and x.router_loss < 1e-3
+    assert "5" in x.router_set.strip("{}").split(",")
+    # layer 1 writes nothing: every set is equivalent
+    assert (t.xs(1, level="layer").regret == 0).all() and (t.xs(1, level="layer")["rank"] == 1).all()
+    by = result.by_layer().set_index("layer")
+    assert by.loc[1, "mean_regret"] == 0 and by.loc[0, "mean_regret"] > 0
+    assert list(result.by_layer().layer) == [1, 0]                          # most optimal first
+    if variant == "downstream":
+        assert result.forwards == 1 + 4 and result.rescore_error < 1e-4
+
+
+def test_counterfactual_routing_on_the_demo_model(demo_model):
+    import torch.nn.functional as F
+    from dbrx_lab.analysis.counterfactual import counterfactual_routing
+
+    ids = demo_model.tokenizer.encode("def add(a, b):\n    return a + b\n")
+    result = counterfactual_routing(demo_model, ids, positions=[4], layers=[1], progress=False)
+    row = result.table.iloc[0]
+    with torch.no_grad():
+        loss = F.cross_entropy(demo_model(torch.tensor([ids])).logits[0, 4], torch.tensor(ids[5]))
+    assert row.router_loss == pytest.approx(float(loss), abs=1e-4)          # the router's set is the real forward
+    assert row.regret >= 0 and row.best_loss <= row.router_loss and 1 <= row["rank"] <= 1820
+    assert row.mean_loss > row.best_loss
+    assert np.isfinite(result.losses).all()
+
+
+def test_counterfactual_routing_errors_and_interrupt(monkeypatch):
+    from dbrx_lab.analysis import counterfactual as cf
+
+    model = planted_model()
+    with pytest.raises(ValueError, match=r"positions \[3\] out of range: valid positions \(with a next token\) are 0..2"):
+        cf.counterfactual_routing(model, [Z, A, X, A], positions=[3], progress=False)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        cf.counterfactual_routing(model, [Z, A], variant="local", progress=False)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        cf.counterfactual_routing(model, [Z], progress=False)
+    real, calls = cf.DedupUnembed.loss, []
+
+    def flaky(self, hidden, target, chunk=1024):
+        calls.append(1)
+        if len(calls) == 4:                                   # clean, (0, 0), (0, 1), then interrupted
+            raise KeyboardInterrupt
+        return real(self, hidden, target, chunk)
+
+    monkeypatch.setattr(cf.DedupUnembed, "loss", flaky)
+    result = cf.counterfactual_routing(model, [Z, A, X, A], positions=[0, 2], progress=False)
+    assert result.interrupted and len(result.table) == 2 and np.isnan(result.losses[1]).all()
+    assert not model.transformer.blocks[0].ffn.edits
