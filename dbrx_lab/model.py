@@ -55,6 +55,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return (x * cos).addcmul_(x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
+def check_attention_mask(mask) -> None:
+    """ValueError unless mask [B, S] holds only 0/1 (or bools), every row has a real token and each row's real
+    tokens are contiguous (padding before and/or after them, no holes). One host sync."""
+    mask = torch.as_tensor(mask)
+    if mask.ndim != 2 or mask.shape[1] == 0:
+        raise ValueError(f"attention_mask must be [batch, tokens], got shape {tuple(mask.shape)}")
+    real = mask != 0
+    ones = real.sum(-1)
+    first = real.int().argmax(-1)
+    last = mask.shape[1] - 1 - real.int().flip(-1).argmax(-1)
+    problems = torch.stack([((mask != 0) & (mask != 1)).any(), (ones == 0).any(),
+                            ((ones > 0) & (ones != last - first + 1)).any()]).tolist()
+    if problems[0]:
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token); got other values")
+    if problems[1]:
+        rows = torch.nonzero(ones == 0).flatten().tolist()
+        raise ValueError(f"attention_mask rows {rows} have no real token (all 0); every row needs at least one")
+    if problems[2]:
+        rows = torch.nonzero((ones > 0) & (ones != last - first + 1)).flatten().tolist()
+        raise ValueError(f"attention_mask rows {rows} have holes (a 0 between 1s); pad on the left (a row's real "
+                         f"tokens must be contiguous)")
+
+
 # ------------------------------------------------------------------------------------------------
 class CacheFullError(ValueError):
     """A call would write past the end of a KVCache."""
@@ -334,6 +357,14 @@ class Experts(nn.Module):
         return kernel(self.mlp, x, experts, weights, observe)
 
 
+def check_expert_ids(experts: torch.Tensor, n_experts: int, where: str) -> None:
+    """ValueError unless every id is in [0, n_experts) (an id past the end would silently add nothing)."""
+    bad = (experts < 0) | (experts >= n_experts)
+    if bool(bad.any()):
+        raise ValueError(f"{where}: expert id {int(experts[bad][0])} out of range: this model has experts "
+                         f"0..{n_experts - 1}")
+
+
 class MoE(nn.Module):
     """Router -> float32 softmax -> top-k -> p-norm renormalisation -> experts -> weighted sum."""
 
@@ -384,7 +415,12 @@ class MoE(nn.Module):
         flat = x.reshape(-1, d)                                                    # [N, d]
         logits = self.hook_router_logits(self.router(flat).view(B, T, -1)).view(B * T, -1)   # [N, E]
         experts, weights = self.route(logits)
-        experts = self.hook_topk_experts(experts.view(B, T, -1)).view(B * T, -1)  # [N, k]
+        chosen = experts.view(B, T, -1)
+        chosen_version = tensor_version(chosen)
+        experts = self.hook_topk_experts(chosen)
+        if edited(chosen, chosen_version, experts):    # only a hook's ids are checked (a host sync)
+            check_expert_ids(experts, self.cfg.moe_num_experts, self.hook_topk_experts.name)
+        experts = experts.reshape(B * T, -1)                                        # [N, k]
         weights = self.hook_topk_weights(weights.to(x.dtype).view(B, T, -1)).view(B * T, -1)
         fns = current_scope().fns
         observe = bool(fns.get(self.hook_expert_out) or fns.get(self.hook_expert_hidden_norm))
@@ -599,14 +635,17 @@ class DbrxModel(HookedMixin, nn.Module):
     # --- forward -----------------------------------------------------------------------------------
     def validate_input_ids(self, input_ids) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor):
-            input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+            try:                                # no dtype: float ids ([1.5, 2.7]) must not be truncated
+                input_ids = torch.as_tensor(input_ids)
+            except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+                raise ValueError(f"input_ids must be integer token ids [batch, tokens]: {err}") from None
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids is empty: give at least one token")
-        if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+        if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one row of one token")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
@@ -642,6 +681,8 @@ class DbrxModel(HookedMixin, nn.Module):
         input_ids = input_ids.to(device)
         S = start + T
         if attention_mask is not None:
+            if validate:
+                check_attention_mask(attention_mask)
             attention_mask = attention_mask.to(device=device, dtype=torch.bool)
             if attention_mask.shape != (B, S):
                 raise ValueError(f"attention_mask must be [batch, {S}] (cache + new tokens), got "
