@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
 from .kernels import LINEAR
+from .model import check_attention_mask
 from .kernels.unembed import UnembedScreen, screen_for
 from .tokenizer import load_tokenizer
 
@@ -60,7 +62,7 @@ def prepare_prompt(model: "DbrxLM", prompt, attention_mask=None) -> tuple[torch.
     elif isinstance(prompt, torch.Tensor):
         ids = prompt
     elif isinstance(prompt, (list, tuple)):
-        ids = torch.as_tensor(prompt, dtype=torch.long)
+        ids = model.validate_input_ids(prompt)          # float ids are an error, not truncated
     else:
         raise ValueError(f"prompt must be token ids, a string, strings or chat messages, got {type(prompt).__name__}")
     if ids.ndim == 1:
@@ -69,15 +71,32 @@ def prepare_prompt(model: "DbrxLM", prompt, attention_mask=None) -> tuple[torch.
         raise ValueError("the prompt is empty: give at least one token")
     ids = model.validate_input_ids(ids)
     if attention_mask is not None:
-        attention_mask = torch.as_tensor(attention_mask)
+        try:
+            attention_mask = torch.as_tensor(attention_mask)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"attention_mask must be 0/1 values [batch, tokens]: {err}") from None
         if attention_mask.ndim == 1:
             attention_mask = attention_mask[None]
         if attention_mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                              f"{tuple(ids.shape)}")
+        check_attention_mask(attention_mask)
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("attention_mask must use left padding (the last column real for every row)")
     return ids, attention_mask
+
+
+def as_int(value, name: str, minimum: int | None = None) -> int:
+    """An int from an int or a numpy/torch integer scalar (not a bool or a float); ValueError naming `name`."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
 
 
 def _check_sampling(model, max_new_tokens, do_sample, temperature, top_k, top_p, prompt_len):
@@ -87,8 +106,8 @@ def _check_sampling(model, max_new_tokens, do_sample, temperature, top_k, top_p,
     if prompt_len + max_new_tokens > limit:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len="
                          f"{limit}; shorten the prompt or ask for at most {max(limit - prompt_len, 0)} new tokens")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a number > 0 (and finite), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
@@ -117,7 +136,9 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0,
     """logits [B, V] -> next tokens [B]: argmax, or a sample after temperature, top-k and top-p filtering."""
     if not do_sample:
         return greedy(logits)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shifted by the row maximum first: a tiny temperature (1e-300) sends the others to -inf, never to inf/NaN
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -159,7 +180,16 @@ def stream(model: "DbrxLM", prompt, max_new_tokens: int = 50, *, attention_mask=
     cfg = model.config
     if eos_token_id is None:
         eos_token_id = cfg.eos_token_id or []
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long)
+    if isinstance(eos_token_id, (str, bytes)) or not isinstance(eos_token_id, (int, Sequence, torch.Tensor)) and \
+            not hasattr(eos_token_id, "__index__"):
+        raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos_token_id!r}")
+    eos_list = [eos_token_id] if hasattr(eos_token_id, "__index__") and not isinstance(eos_token_id, torch.Tensor) \
+        else list(eos_token_id.flatten().tolist() if isinstance(eos_token_id, torch.Tensor) else eos_token_id)
+    eos = torch.tensor([as_int(e, "eos_token_id") for e in eos_list], dtype=torch.long)
+    if pad_token_id is not None:
+        pad_token_id = as_int(pad_token_id, "pad_token_id")
+    if seed is not None:
+        seed = as_int(seed, "seed", 0)
     if pad_token_id is None:   # finished rows keep being fed: the pad id must be a real row of the embedding
         in_vocab = [int(e) for e in eos if 0 <= e < cfg.vocab_size]
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (in_vocab[0] if in_vocab else 0)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import operator
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence, Union
 
 import torch
@@ -46,21 +48,33 @@ def _ints(name: str, value, allow_all: bool = False) -> tuple[int, ...] | str:
         if value != "all":
             raise ValueError(f"{name} must be an int, a list of ints or 'all', got {value!r}")
         return "all"
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    items = [value] if isinstance(value, int) else value
+    if isinstance(value, torch.Tensor) or (hasattr(value, "tolist") and hasattr(value, "dtype")):
+        value = value.tolist()                  # a tensor or numpy array / scalar
+    items = [value] if _is_int(value) else value
     if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
         kinds = "an int, a list of ints or 'all'" if allow_all else "an int or a list of ints"
         raise ValueError(f"{name} must be {kinds}, got {value!r}")
     items = list(items)
     if not items:
         raise ValueError(f"{name} must not be empty")
-    for v in items:
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+    for i, v in enumerate(items):
+        if not _is_int(v) or operator.index(v) < 0:
             raise ValueError(f"{name} must be integers >= 0, got {v!r}")
+        items[i] = operator.index(v)            # numpy integers work like ints
     if len(set(items)) != len(items):
         raise ValueError(f"{name} has duplicates: {items}")
     return tuple(sorted(items))
+
+
+def _is_int(v) -> bool:
+    """An int or an integer scalar of numpy (np.int64, ...): not a bool, float or str."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and hasattr(v, "__index__") and \
+        type(v).__name__ != "bool_"
+
+
+def _number(v) -> bool:
+    """A real number (int, float, numpy scalar), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and type(v).__name__ != "bool_"
 
 
 def _positions(value) -> tuple[int, ...] | None:
@@ -243,7 +257,7 @@ class ExpertForce(Intervention):
         super().__init__(layer, positions)
         self.experts = _ints("expert", expert)
         if weight is not None:
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0.0 <= weight <= 1.0:
+            if not _number(weight) or not 0.0 <= weight <= 1.0:
                 raise ValueError(f"weight must be None or a number in [0, 1], got {weight!r}")
             if weight * len(self.experts) > 1.0 + 1e-9:
                 raise ValueError(f"weight {weight} for {len(self.experts)} forced experts sums past 1: "
@@ -300,7 +314,7 @@ class ExpertScale(Intervention):
     def __init__(self, layer: LayerSpec, expert: IntSpec, factor: float, positions: IntSpec | None = None) -> None:
         super().__init__(layer, positions)
         self.experts = _ints("expert", expert)
-        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not math.isfinite(factor):
+        if not _number(factor) or not math.isfinite(factor):
             raise ValueError(f"factor must be a finite number, got {factor!r}")
         self.factor = float(factor)
 
@@ -323,9 +337,9 @@ class TopK(Intervention):
 
     def __init__(self, k: int, layer: LayerSpec = "all") -> None:
         super().__init__(layer)
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        if not _is_int(k) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        self.k = k
+        self.k = operator.index(k)
 
     def attach(self, cfg: DbrxConfig) -> None:
         super().attach(cfg)
@@ -418,6 +432,12 @@ class RoutingPatch(Intervention):
         if experts.ndim != 4 or tuple(weights.shape) != tuple(experts.shape):
             raise ValueError(f"source trace routing must be [layers, batch, positions, k], got topk_experts "
                              f"{tuple(experts.shape)} and topk_weights {tuple(weights.shape)}")
+        if experts.dtype.is_floating_point or experts.dtype == torch.bool:
+            raise ValueError(f"source trace topk_experts must hold integer expert ids, got dtype {experts.dtype}")
+        if experts.numel() and int(experts.min()) < -1:
+            raise ValueError(f"source trace topk_experts has id {int(experts.min())}; ids are >= 0 (-1: no expert)")
+        if not bool(torch.isfinite(weights.detach().float()).all()):
+            raise ValueError("source trace topk_weights has NaN or infinite values")
         self.source_experts = experts.detach().long().cpu()                                # [L, Bs, Ts, k]
         self.source_weights = weights.detach().float().cpu()
         used = (self.source_experts >= 0).flatten(1, 2).any(1)                              # [L, k]
