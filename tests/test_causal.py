@@ -284,3 +284,102 @@ def test_counterfactual_routing_errors_and_interrupt(monkeypatch):
     result = cf.counterfactual_routing(model, [Z, A, X, A], positions=[0, 2], progress=False)
     assert result.interrupted and len(result.table) == 2 and np.isnan(result.losses[1]).all()
     assert not model.transformer.blocks[0].ffn.edits
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. observational vs causal audit
+def test_audit_finds_the_planted_expert_and_nothing_else():
+    from dbrx_lab.analysis.audit import expert_audit
+
+    model = planted_model(carriers=(5,))
+    texts = [[X, A, Y, B, X, A], [Y, B, X, A, A, B, X, A]]
+    audit = expert_audit(model, texts, layers=[0], n_boot=200, n_perm=500, progress=False)
+    t = audit.experts.set_index("expert")
+    assert audit.sampling["tokens"] == 12 and audit.sampling["units"] == 16
+    assert t.loc[5, "load"] == pytest.approx(4 / 12) and t.loc[5, "mean_weight"] == pytest.approx(1.0)
+    assert t.loc[5, "dla"] > 1 and (t.drop(5).dla.abs() < 1e-9).all()
+    for mode in ("reroute", "zero", "renormalize"):
+        assert t.loc[5, f"effect_{mode}"] > 1 and t.loc[5, f"effect_{mode}_lo"] > 0
+        assert (t.drop(5)[f"effect_{mode}"].abs() < 1e-6).all()
+    # high-load experts 0-3 (2/3 of tokens) do nothing: load does not predict the effect, DLA does
+    c = audit.correlations.set_index(["metric", "mode"])
+    assert c.loc[("dla", "zero"), "rho"] == pytest.approx(1.0) and c.loc[("load", "zero"), "rho"] < 0.5
+    assert set(audit.correlations.layer) == {0}                             # one layer: no pooled rows
+
+
+def test_audit_on_the_demo_model_matches_ablation_sweep(demo_model):
+    from dbrx_lab.analysis import ablation_sweep
+    from dbrx_lab.analysis.audit import expert_audit
+
+    texts = ["The Python interpreter reads the file and runs it.", "def add(a, b):\n    return a + b\n"]
+    audit = expert_audit(demo_model, texts, layers=[0, 3], modes=["zero"], sample_experts=6, max_tokens=20,
+                         n_boot=100, n_perm=200, progress=False)
+    e = audit.experts
+    assert len(e) == 6 and audit.sampling["tokens"] == 20
+    assert "6 of 32 experts (drawn uniformly without replacement, seed 0)" in audit.sampling["text"]
+    assert (e.effect_zero_lo <= e.effect_zero + 1e-12).all() and (e.effect_zero <= e.effect_zero_hi + 1e-12).all()
+    # the effects are the existing ablation sweep's cells on the same tokens
+    rows = audit.notes["rows"]
+    sweep = ablation_sweep(demo_model, rows, mode="zero", layers=[int(e.layer[0])], experts=[int(e.expert[0])],
+                           progress=False)
+    assert e.effect_zero[0] == pytest.approx(float(sweep.iloc[0, 0]), abs=1e-6)
+    assert set(audit.correlations.columns) >= {"rho", "rho_lo", "rho_hi", "p_value", "p_adjusted", "d", "significant"}
+    assert (audit.correlations.p_adjusted >= audit.correlations.p_value - 1e-12).all()
+
+
+def test_audit_statistics_known_values():
+    from dbrx_lab.analysis import audit as au
+
+    assert au.spearman([1, 2, 3, 4], [10, 20, 30, 1000]) == pytest.approx(1.0)
+    assert au.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert np.allclose(au.average_ranks(np.array([5.0, 1.0, 5.0, 0.0])), [2.5, 1, 2.5, 0])
+    # Benjamini-Hochberg by hand: p sorted 0.01, 0.02, 0.03, 0.5 with m = 4 -> 0.04, 0.04, 0.04, 0.5
+    assert np.allclose(au.benjamini_hochberg([0.03, 0.5, 0.01, 0.02]), [0.04, 0.5, 0.04, 0.04])
+    assert au.cohens_d([1, 2, 3], [4, 5, 6]) == pytest.approx(-3.0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=32)
+    strong = pd.DataFrame({"layer": 0, "m": x, "effect_zero": x + 0.05 * rng.normal(size=32)})
+    null = pd.DataFrame({"layer": 0, "m": x, "effect_zero": rng.normal(size=32)})
+    s = au.audit_statistics(strong, ["m"], ["zero"], n_boot=300, n_perm=500).iloc[0]
+    n = au.audit_statistics(null, ["m"], ["zero"], n_boot=300, n_perm=500).iloc[0]
+    assert s.rho > 0.9 and s.significant and s.rho_lo > 0.8 and s.d > 1.5
+    assert not n.significant and n.rho_lo < 0 < n.rho_hi
+
+
+def test_audit_rejects_bad_input_and_keeps_partial_work(monkeypatch):
+    from dbrx_lab.analysis import audit as au
+    from dbrx_lab.analysis.ablation import LossEvaluator
+
+    model = planted_model()
+    texts = [[X, A, Y, B, X, A]]
+    with pytest.raises(ValueError, match="modes must be a non-empty subset of"):
+        au.expert_audit(model, texts, modes=["drop"], progress=False)
+    with pytest.raises(ValueError, match=r"sample_experts must be an integer in \[4, 32\]"):
+        au.expert_audit(model, texts, sample_experts=40, progress=False)
+    real, calls = LossEvaluator.token_losses, []
+
+    def flaky(self, *iv):
+        calls.append(1)
+        if len(calls) == 7:                                 # baseline + 5 units, then interrupted
+            raise KeyboardInterrupt
+        return real(self, *iv)
+
+    monkeypatch.setattr(LossEvaluator, "token_losses", flaky)
+    audit = au.expert_audit(model, texts, layers=[0], modes=["zero"], n_boot=50, n_perm=50, progress=False)
+    assert audit.interrupted and len(audit.experts) == 5 and not model.transformer.blocks[0].ffn.edits
+
+
+def test_audit_reads_a_route_stats_folder(demo_model, tmp_path):
+    import json
+
+    from dbrx_lab import route_stats
+    from dbrx_lab.analysis.audit import expert_audit
+
+    texts = ["The Python interpreter reads the file.", "def add(a, b):\n    return a + b"]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    route_stats(demo_model, data, tmp_path / "stats", progress=False)
+    audit = expert_audit(demo_model, tmp_path / "stats", layers=[0], experts=[0, 1, 2, 3], modes="zero",
+                         n_boot=50, n_perm=50, progress=False)
+    assert audit.notes["rows"] == [demo_model.tokenizer.encode(t) for t in texts]
+    assert audit.sampling["source"] == "route-stats folder stats"
