@@ -383,3 +383,65 @@ def test_audit_reads_a_route_stats_folder(demo_model, tmp_path):
                          n_boot=50, n_perm=50, progress=False)
     assert audit.notes["rows"] == [demo_model.tokenizer.encode(t) for t in texts]
     assert audit.sampling["source"] == "route-stats folder stats"
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. contrastive experts and steering evaluation
+def test_contrastive_experts_find_the_planted_expert():
+    from dbrx_lab.analysis.contrastive import contrastive_experts
+
+    g = torch.Generator().manual_seed(0)
+    texts_a = [[X if b else A for b in torch.rand(8, generator=g) < 0.5] + [X] for _ in range(6)]
+    texts_b = [[Y if b else A for b in torch.rand(8, generator=g) < 0.5] + [Y] for _ in range(6)]
+    model = planted_model(carriers=(5,))
+    df = contrastive_experts(model, texts_a, texts_b, n_perm=1000, n_boot=300, progress=False)
+    top = df.iloc[0]
+    share_x = sum(t.count(X) for t in texts_a) / sum(len(t) for t in texts_a)
+    assert (top.layer, top.expert) == (0, 5) and top.rate_b == 0
+    assert top.risk_diff == pytest.approx(share_x) and top.significant and top.rd_lo > 0
+    l0 = df[df.layer == 0].set_index("expert")
+    assert (l0.loc[[0, 1, 2, 3], "risk_diff"] < 0).all() and l0.loc[[0, 1, 2, 3], "significant"].all()
+    unused = l0[(l0.rate_a == 0) & (l0.rate_b == 0)]
+    assert len(unused) and (unused.risk_diff == 0).all() and not unused.significant.any()
+    paired = contrastive_experts(model, texts_a, texts_b, paired=True, layers=[0], n_perm=500, n_boot=200,
+                                 progress=False)
+    assert (paired.iloc[0].layer, paired.iloc[0].expert) == (0, 5) and paired.iloc[0].p_value <= 1 / 32 + 1e-9
+    with pytest.raises(ValueError, match="paired texts need equal counts"):
+        contrastive_experts(model, texts_a, texts_b[:3], paired=True, progress=False)
+
+
+def test_steering_effect_label_and_classifier():
+    from dbrx_lab import RouterSteer
+    from dbrx_lab.analysis.contrastive import steering_effect
+
+    model = planted_model(carriers=(5,))
+    steer = RouterSteer(0, [5], mode="max")
+    prompts = [[A, Y], [B, A, Y], [Y]]
+    by_label = steering_effect(model, prompts, steer, label=[A], progress=False)
+    assert (by_label.table.delta > 5).all() and by_label.summary.mean_delta > 5
+    assert by_label.summary.score == "label_logprob" and by_label.summary.prompts == 3
+    by_class = steering_effect(model, prompts, steer, classifier=lambda ids: A in ids[:1], max_new_tokens=2,
+                               progress=False)
+    assert list(by_class.table.baseline) == [0.0] * 3 and list(by_class.table.steered) == [1.0] * 3
+    assert by_class.summary.mean_delta == 1.0
+    forbid = steering_effect(model, [[A, X]], RouterSteer(0, [5], mode="forbid"), label=[A], progress=False)
+    assert forbid.summary.mean_delta < -5                                     # removing the carrier hurts A
+    with pytest.raises(ValueError, match="exactly one of label"):
+        steering_effect(model, prompts, steer, progress=False)
+    assert not model.transformer.blocks[0].ffn.edits
+
+
+def test_contrastive_and_steering_on_the_demo_model(demo_model):
+    from dbrx_lab import RouterSteer
+    from dbrx_lab.analysis.contrastive import contrastive_experts, steering_effect
+
+    code = ["def add(a, b):\n    return a + b", "for i in range(10):\n    print(i)", "import os\nos.getcwd()"]
+    prose = ["The river flows to the sea.", "She read the letter twice.", "It rained all day in the town."]
+    df = contrastive_experts(demo_model, code, prose, n_perm=300, n_boot=100, progress=False)
+    assert len(df) == 4 * 16 and df.risk_diff.is_monotonic_decreasing
+    assert np.allclose(df.risk_diff, df.rate_a - df.rate_b)
+    assert np.allclose(df.groupby("layer").rate_a.sum(), 4.0)                # k experts per token
+    top = df.iloc[0]
+    result = steering_effect(demo_model, prose[:2], RouterSteer(int(top.layer), [int(top.expert)], mode="max"),
+                             label="(", progress=False)
+    assert len(result.table) == 2 and np.isfinite(result.table.delta).all()
