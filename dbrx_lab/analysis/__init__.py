@@ -13,6 +13,10 @@ and ignore padding. Every function's docstring states its definition and its ran
 """
 from .ablation import DropTopExperts, LossEvaluator, ablation_sweep, drop_top_curve, top_k_curve
 from .attribution import LogitAttribution, logit_attribution
+from .audit import CausalAudit, audit_statistics, expert_audit
+from .causal import attribution_patching, expert_coalition, expert_patching, patching_agreement
+from .contrastive import SteeringEffect, contrastive_experts, steering_effect
+from .counterfactual import CounterfactualRouting, counterfactual_routing
 from .cards import ExpertCard, ExpertCards, expert_cards
 from .compare import CompareStep, GenerationComparison, compare_generations, routing_cascade
 from .routing import (Routing, coactivation, confidence_summary, expert_load, fragile_tokens, iter_routing,
@@ -33,4 +37,7 @@ __all__ = [
     "ExpertCard", "ExpertCards", "expert_cards",
     "routing_paths", "path_counts", "cluster_paths", "PathClusters", "purity", "path_purity", "token_class",
     "token_classes",
+    "expert_patching", "expert_coalition", "attribution_patching", "patching_agreement",
+    "CausalAudit", "expert_audit", "audit_statistics", "CounterfactualRouting", "counterfactual_routing",
+    "SteeringEffect", "contrastive_experts", "steering_effect",
 ]
