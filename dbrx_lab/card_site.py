@@ -23,7 +23,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-__all__ = ["card_html", "context_html", "write_card_site", "add_arguments", "run", "MANIFEST", "CARD_CSS"]
+__all__ = ["card_html", "context_html", "write_card_site", "demo_texts", "add_arguments", "run", "MANIFEST",
+           "CARD_CSS"]
 
 MANIFEST = ".dbrx-lab-cards.json"
 MONO = "'JetBrains Mono', 'DejaVu Sans Mono', Menlo, Consolas, monospace"
@@ -316,6 +317,18 @@ def write_card_site(cards, out: str | os.PathLike, paths_table: pd.DataFrame | N
                               "meta": cards.meta}, indent=1, default=str) + "\n")
     return {"out": out, "files": len(written), "bytes": sum(written.values()), "pages": len(cards) + 1,
             "plotly_bytes": written["plotly.min.js"]}
+
+
+def demo_texts(path: str | os.PathLike) -> Path:
+    """Write the demo model's evaluation texts (dbrx_lab/data/demo_eval, never trained on) as labelled JSONL for
+    route-stats: each prose paragraph and each top-level block of the Python file is a text ("prose" / "code")."""
+    folder = Path(__file__).parent / "data" / "demo_eval"
+    rows = [{"text": p.strip(), "label": "prose"} for p in (folder / "prose.txt").read_text().split("\n\n") if p.strip()]
+    rows += [{"text": b.strip("\n"), "label": "code"} for b in (folder / "code.py").read_text().split("\n\n\n")
+             if b.strip()]
+    path = Path(path)
+    _write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return path
 
 
 # ------------------------------------------------------------------------------------------------

@@ -273,7 +273,7 @@ def cluster_paths(paths: pd.DataFrame, n_clusters: int | None = None, seed: int 
                      "mean_jaccard": float((member_sim[m] * weight[m]).sum() / max(w, 1))})
     medoids = pd.DataFrame(rows)
     distinct = pd.DataFrame({"path": uniq, "count": weight.astype(np.int64), "cluster": assign,
-                             "jaccard_to_medoid": member_sim})
+                             "jaccard_to_medoid": member_sim.astype(np.float64)})
     return PathClusters(assign[codes], medoids, distinct)
 
 
