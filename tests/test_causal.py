@@ -445,3 +445,42 @@ def test_contrastive_and_steering_on_the_demo_model(demo_model):
     result = steering_effect(demo_model, prose[:2], RouterSteer(int(top.layer), [int(top.expert)], mode="max"),
                              label="(", progress=False)
     assert len(result.table) == 2 and np.isfinite(result.table.delta).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. figures
+def test_causal_figures_draw_the_tables():
+    from dbrx_lab import RouterSteer
+    from dbrx_lab import analysis as an
+    from dbrx_lab import figures_causal as fc
+
+    model = planted_model(carriers=(5, 9))
+    patch = an.expert_patching(model, [A, X], [A, Y], A, B, progress=False)
+    fig = fc.patching_heatmap(patch)
+    z = np.array(fig.data[0].z, dtype=float)
+    assert z.shape == (2, 16) and z[0, 5] == pytest.approx(patch.recovery[5])
+    marked = set(zip(fig.data[1].y, fig.data[1].x))                                # circles: clean-routed units
+    assert marked == set(zip(patch.layer[patch.routed_clean], patch.expert[patch.routed_clean])) >= {(0, 5), (0, 9)}
+    assert "Expert patching" in fig.layout.title.text
+    curve = fc.coalition_curve(an.expert_coalition(model, [A, X], [A, Y], A, B, progress=False))
+    assert list(curve.data[0].text)[:1] == ["corrupted"] and len(curve.data[0].x) == 3
+    approx = an.attribution_patching(model, [A, X], [A, Y], A, B)
+    assert len(fc.attribution_scatter(patch, approx).data[0].x) == 32
+    audit = an.expert_audit(model, [[X, A, Y, B, X, A]], layers=[0], modes=["zero"], n_boot=50, n_perm=50,
+                            progress=False)
+    fig = fc.audit_figure(audit, metric="dla")
+    assert len(fig.data) == 2 and len(fig.data[1].x) == 16
+    with pytest.raises(ValueError, match="no correlations for mode 'reroute'"):
+        fc.audit_figure(audit, mode="reroute")
+    cf = an.counterfactual_routing(model, [Z, A, X, A], positions=[0, 2], progress=False)
+    assert len(fc.regret_figure(cf).data) == 2 + 1
+    hist = fc.set_losses(cf, 0, 0)
+    assert len(hist.data[0].x) == 1820 and "router ranks 456" in hist.layout.title.text
+    with pytest.raises(ValueError, match=r"\(position, layer\) = \(1, 0\) was not scored"):
+        fc.set_losses(cf, 1, 0)
+    ce = an.contrastive_experts(model, [[X, A]] * 3, [[Y, A]] * 3, n_perm=50, n_boot=50, progress=False)
+    assert np.array(fc.contrastive_heatmap(ce).data[0].z, dtype=float).shape == (2, 16)
+    se = an.steering_effect(model, [[Y], [A, Y]], RouterSteer(0, [5], mode="max"), label=[A], progress=False)
+    assert len(fc.steering_figure(se).data) == 2
+    with pytest.raises(ValueError, match="patching_heatmap needs the non-empty table"):
+        fc.patching_heatmap(pd.DataFrame())
