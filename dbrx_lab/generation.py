@@ -136,8 +136,9 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0,
     """logits [B, V] -> next tokens [B]: argmax, or a sample after temperature, top-k and top-p filtering."""
     if not do_sample:
         return greedy(logits)
-    logits = logits.float()
-    # shifted by the row maximum first: a tiny temperature (1e-300) sends the others to -inf, never to inf/NaN
+    # shifted by the row maximum first: a tiny temperature (1e-300) sends the others to -inf, never to inf/NaN;
+    # below float32's range (where the temperature itself would round to 0) the division runs in float64
+    logits = logits.double() if temperature < 1e-30 else logits.float()
     logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]

@@ -344,7 +344,7 @@ def _aggregate(out: Path, min_count: int, predictions: bool) -> dict[str, Path]:
 def route_stats(model, data: str | os.PathLike, out: str | os.PathLike, batch_size: int = 8,
                 max_tokens_per_text: int | None = None, resume: bool = True, truncate: bool = False,
                 split: str = "paragraph", min_count: int = 10, predictions: bool = True, progress: bool = True,
-                part_tokens: int = PART_TOKENS) -> RouteStatsResult:
+                part_tokens: int | None = None) -> RouteStatsResult:
     """Stream the texts of `data` through `model` (a DbrxLM, or a name for `load_model`: "demo", a preset,
     a checkpoint folder) in batches, write per-token routing to `out`/routing/*.parquet and the aggregate
     tables to `out` (see the module doc). resume: continue a previous run in `out` with the same settings
@@ -354,6 +354,7 @@ def route_stats(model, data: str | os.PathLike, out: str | os.PathLike, batch_si
     top-1 next-token prediction at every token (the lm_head over the whole vocabulary at every position:
     most of the time for a tiny model, little for DBRX); False leaves predicted_id -1.
     """
+    part_tokens = PART_TOKENS if part_tokens is None else part_tokens
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     model_name = model if isinstance(model, (str, os.PathLike)) else None
