@@ -55,6 +55,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return (x * cos).addcmul_(x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
+def _holds_bool(x) -> bool:
+    """Whether a (nested) list or tuple holds a Python or numpy bool."""
+    if isinstance(x, (list, tuple)):
+        return any(_holds_bool(v) for v in x)
+    return type(x).__name__ in ("bool", "bool_")
+
+
 def check_attention_mask(mask) -> None:
     """ValueError unless mask [B, S] holds only 0/1 (or bools), every row has a real token and each row's real
     tokens are contiguous (padding before and/or after them, no holes). One host sync."""
@@ -635,6 +642,8 @@ class DbrxModel(HookedMixin, nn.Module):
     # --- forward -----------------------------------------------------------------------------------
     def validate_input_ids(self, input_ids) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor):
+            if _holds_bool(input_ids):          # torch.as_tensor([0, False]) would make it 0
+                raise ValueError("input_ids must be integer token ids, got a bool among them")
             try:                                # no dtype: float ids ([1.5, 2.7]) must not be truncated
                 input_ids = torch.as_tensor(input_ids)
             except (TypeError, ValueError, RuntimeError, OverflowError) as err:

@@ -19,11 +19,24 @@ attach hooks/interventions with the context managers, which clean up):
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
 
 from dbrx_lab import PRESETS, DbrxConfig, DbrxLM, load_model
+
+# hypothesis (tests/test_properties.py): derandomized and bounded by default, so the suite is deterministic
+# and fast; HYPOTHESIS_PROFILE=dev explores more (random seeds, more examples).
+try:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", derandomize=True, max_examples=30, deadline=None, database=None,
+                              print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("dev", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:                     # hypothesis is a dev extra; test_properties skips without it
+    pass
 
 # Test models are tiny: one intra-op thread is faster than two, and avoids thread thrashing (10x slower
 # decoding measured) when other processes share the 2 cores.
