@@ -31,6 +31,17 @@ from conftest import widen_
 X, Y, Z, A, B = 10, 11, 12, 20, 21
 
 
+@pytest.fixture(autouse=True)
+def no_inference_scratch():
+    """Tests here call the model under torch.inference_mode: drop any CPU-kernel scratch buffer created there
+    (an inference tensor), which a later forward outside inference mode could not write into."""
+    yield
+    from dbrx_lab.kernels.experts import SCRATCH
+
+    if any(b.is_inference() for b in SCRATCH.buffers.values()):
+        SCRATCH.clear()
+
+
 @pytest.fixture(scope="module")
 def demo_model():
     """The bundled demo model (read-only: tests attach hooks and interventions with context managers only)."""

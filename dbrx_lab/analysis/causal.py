@@ -402,7 +402,8 @@ def attribution_patching(model, clean, corrupted, answer, wrong=None, layers=Non
     runs with gradients even when called under torch.inference_mode (the model's weights get no .grad).
     """
     layers, experts = _layers_experts(model.config, layers, experts)
-    setup = patch_setup(model, clean, corrupted, answer, wrong, positions, clean_positions, metric_position)
+    with reference_kernels(model):             # no scratch buffers: safe in and out of inference mode
+        setup = patch_setup(model, clean, corrupted, answer, wrong, positions, clean_positions, metric_position)
     L = model.config.n_layers
     with torch.inference_mode(False), torch.enable_grad(), reference_kernels(model):
         leaves: dict[int, torch.Tensor] = {}
