@@ -411,10 +411,11 @@ def _model_parts(model, cards: dict[tuple[int, int], ExpertCard], n_logits: int,
         if ctx.empty or ctx["prefix_ids"].iloc[0] is None:
             continue
         prefixes = list(ctx["prefix_ids"])
+        next_ids = ctx["next_id"].to_numpy()
         effects, losses = [], {"base": [], "ablated": [], "kl": [], "index": []}
-        for s in range(0, len(prefixes), batch_size):
-            part = prefixes[s:s + batch_size]
-            base = _last_column(model, part, l)
+        for part in _buckets([len(p) for p in prefixes], batch_size):
+            batch = [prefixes[i] for i in part]
+            base = _last_column(model, batch, l)
             slot = base[f"blocks.{l}.ffn.hook_topk_experts"].long() == e                # [B, k]
             hit = slot.any(-1)
             if hit.any():
@@ -425,15 +426,14 @@ def _model_parts(model, cards: dict[tuple[int, int], ExpertCard], n_logits: int,
                 s_ = (x.var(-1, unbiased=False, keepdim=True) + eps).rsqrt()
                 effects.append(((c - c.mean(-1, keepdim=True)) * s_) @ U.T)               # [b, V']
             if ablation is not None:
-                abl = _last_column(model, part, l, [ExpertAblation(l, [e], ablation)])["logits"]
+                abl = _last_column(model, batch, l, [ExpertAblation(l, [e], ablation)])["logits"]
                 lp, lq = base["logits"].log_softmax(-1), abl.log_softmax(-1)
                 losses["kl"] += (lp.exp() * (lp - lq)).sum(-1).tolist()
-                nxt = ctx["next_id"].iloc[s:s + len(part)].to_numpy()
-                for b, t in enumerate(nxt):
-                    if t >= 0:
-                        losses["base"].append(-float(lp[b, t]))
-                        losses["ablated"].append(-float(lq[b, t]))
-                        losses["index"].append(s + b)
+                for b, i in enumerate(part):
+                    if next_ids[i] >= 0:
+                        losses["base"].append(-float(lp[b, next_ids[i]]))
+                        losses["ablated"].append(-float(lq[b, next_ids[i]]))
+                        losses["index"].append(int(i))
         if effects:
             mean = torch.cat(effects).mean(0)
             card.dla_positions = int(sum(x.shape[0] for x in effects))
@@ -449,3 +449,19 @@ def _model_parts(model, cards: dict[tuple[int, int], ExpertCard], n_logits: int,
                              "base_loss": float(np.mean(losses["base"])) if len(deltas) else float("nan"),
                              "kl": float(np.mean(losses["kl"])),
                              "deltas": [round(float(d), 5) for d in deltas], "context_rank": losses["index"]}
+
+
+def _buckets(lengths: list[int], batch_size: int, slack: float = 1.5) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted; a batch closes when left padding would make it
+    more than `slack` times its real tokens plus 64, or at batch_size), so short prefixes do not pay for a
+    long one's padding."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        cur = batches[-1] if batches else None
+        if cur and len(cur) < batch_size and (len(cur) + 1) * lengths[i] <= slack * (sum(lengths[j] for j in cur)
+                                                                                    + lengths[i]) + 64:
+            cur.append(i)
+        else:
+            batches.append([i])
+    return batches
