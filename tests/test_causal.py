@@ -496,3 +496,45 @@ def test_causal_figures_draw_the_tables():
     assert len(fc.steering_figure(se).data) == 2
     with pytest.raises(ValueError, match="patching_heatmap needs the non-empty table"):
         fc.patching_heatmap(pd.DataFrame())
+
+
+def test_patching_on_the_demo_model_matches_a_hand_computed_last_layer(demo_model):
+    """Last-layer units: restoring one only changes the final residual at the metric position by (clean -
+    corrupted contribution), so the patched metric can be computed by hand through norm_f and lm_head."""
+    model, L = demo_model, demo_model.config.n_layers
+    clean, corrupt = "import os\nimport sys\n\nprint(os.", "import re\nimport sys\n\nprint(re."
+    answer, wrong = model.tokenizer.encode("path")[0], model.tokenizer.encode("compile")[0]
+    df = causal.expert_patching(model, clean, corrupt, answer, wrong, layers=[L - 1], positions=[-1], progress=False)
+    kept = {}
+
+    def run(text):
+        names = [f"blocks.{L - 1}.ffn.hook_{h}" for h in ("topk_experts", "topk_weights", "expert_out")]
+        names.append(f"blocks.{L - 1}.hook_resid_post")
+        with torch.no_grad(), model.hooks([(n, lambda x, hook: kept.__setitem__(hook.name, x[0, -1].clone()))
+                                           for n in names]):
+            logits = model(torch.tensor([model.tokenizer.encode(text)])).logits[0, -1]
+        contrib = torch.zeros(16, model.config.d_model)
+        for e, w, y in zip(kept[names[0]], kept[names[1]], kept[names[2]]):
+            contrib[int(e)] = w * y
+        return logits, kept[names[3]].clone(), contrib
+
+    W = model.lm_head.weight.detach()
+    diff = lambda logits: float(logits[answer] - logits[wrong])
+    clean_logits, _, c_clean = run(clean)
+    corrupt_logits, resid, c_corrupt = run(corrupt)
+    assert df.attrs["clean_metric"] == pytest.approx(diff(clean_logits), abs=1e-4)
+    assert df.attrs["corrupted_metric"] == pytest.approx(diff(corrupt_logits), abs=1e-4)
+    with torch.no_grad():
+        by_hand = [diff(W @ model.transformer.norm_f(resid + c_clean[e] - c_corrupt[e])) for e in range(16)]
+    assert np.allclose(df.metric, by_hand, atol=1e-4)
+    untouched = ~(df.routed_clean | df.routed_corrupt)
+    assert np.allclose(df.effect[untouched], 0.0, atol=1e-6)
+
+
+def test_attribution_agrees_with_exact_patching_on_the_demo_model(demo_model):
+    clean, corrupt = "import os\nimport sys\n\nprint(os.", "import re\nimport sys\n\nprint(re."
+    exact = causal.expert_patching(demo_model, clean, corrupt, "path", "compile", progress=False)
+    approx = causal.attribution_patching(demo_model, clean, corrupt, "path", "compile")
+    agree = causal.patching_agreement(exact, approx)
+    assert agree["units"] == 64 and agree["spearman"] > 0.5 and agree["pearson"] > 0.3
+    assert approx.attrs["forwards"] == 3 and exact.attrs["forwards"] == 66
