@@ -285,7 +285,7 @@ def test_counterfactual_routing_errors_and_interrupt(monkeypatch):
         cf.counterfactual_routing(model, [Z], progress=False)
     real, calls = cf.DedupUnembed.loss, []
 
-    def flaky(self, hidden, target, chunk=1024):
+    def flaky(self, hidden, target, chunk=256):
         calls.append(1)
         if len(calls) == 4:                                   # clean, (0, 0), (0, 1), then interrupted
             raise KeyboardInterrupt
