@@ -258,10 +258,23 @@ class DbrxConfig:
             raise ValueError(f"{path}: {err}") from None
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write folder/config.json atomically; an existing config.json is replaced only if it is a DBRX one."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "config.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        if path.exists():
+            try:
+                ours = read_json(path).get("model_type") == "dbrx"
+            except (ValueError, AttributeError, OSError):
+                ours = False
+            if not ours:
+                raise ValueError(f"cannot save to {path}: it exists and is not a DBRX config.json; choose another folder")
+        tmp = folder / f".config.json.tmp-{os.getpid()}"
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     def to_hf(self):

@@ -46,7 +46,11 @@ class Step:
 
 
 def prepare_prompt(model: "DbrxLM", prompt, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A tensor/list of ids, a string, a list of strings, or chat messages -> (ids [B, T], mask [B, T] | None)."""
+    """A tensor/list of ids, a string, a list of strings, or chat messages -> (ids [B, T], mask [B, T] | None).
+
+    Chat messages use dbrx-instruct's template as released: special-token text inside a message becomes a
+    control token (role injection). For untrusted content pass the ids of
+    `tok.apply_chat_template(messages, tokenize=True, escape_special=True)` instead."""
     if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and
                                    (isinstance(prompt[0], (str, dict)))):
         tok = model.tokenizer

@@ -174,6 +174,16 @@ def test_config_file_not_an_object_or_not_utf8(tmp_path):
         DbrxConfig.from_pretrained(tmp_path)
 
 
+def test_config_save_never_replaces_another_models_config(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="exists and is not a DBRX config.json"):
+        PRESETS["tiny"].save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").read_text() == '{"model_type": "llama"}'
+    with pytest.raises(ValueError, match="is not a DBRX checkpoint"):
+        DbrxLM(PRESETS["tiny"]).save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]
+
+
 @pytest.mark.parametrize("content, match", [
     ("{broken", "not valid JSON"), ("[100257]", "must hold a JSON object"),
     ('{"eos_token_id": "x"}', "eos_token_id must be"), ('{"eos_token_id": [1.5]}', "eos_token_id must be"),
