@@ -157,6 +157,12 @@ def test_patching_rejects_bad_input():
         causal.expert_patching(model, [A, X], [A, Y], A, B, positions=[5], progress=False)
     with pytest.raises(ValueError, match="same token"):
         causal.expert_patching(model, [A, X], [A, Y], A, A, progress=False)
+    with pytest.raises(ValueError, match="max_size must be an integer >= 1"):
+        causal.expert_coalition(model, [A, X], [A, Y], A, B, max_size=0, progress=False)
+    with pytest.raises(ValueError, match="stop_at must be None or a finite number"):
+        causal.expert_coalition(model, [A, X], [A, Y], A, B, stop_at="all", progress=False)
+    with pytest.raises(ValueError, match=r"experts \[16\] out of range: this model has experts 0..15"):
+        causal.expert_coalition(model, [A, X], [A, Y], A, B, candidates=[(0, 16)], progress=False)
 
 
 def test_patching_interrupted_keeps_finished_units(monkeypatch):

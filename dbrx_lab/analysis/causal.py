@@ -346,6 +346,9 @@ def expert_coalition(model, clean, corrupted, answer, wrong=None, max_size: int 
     _check_batch(batch_size)
     if not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 1:
         raise ValueError(f"max_size must be an integer >= 1, got {max_size!r}")
+    if stop_at is not None and (not isinstance(stop_at, (int, float)) or isinstance(stop_at, bool)
+                                or not np.isfinite(stop_at)):
+        raise ValueError(f"stop_at must be None or a finite number (a recovery, e.g. 0.95), got {stop_at!r}")
     cfg = model.config
     if candidates is None:
         cand = [(l, e) for l in range(cfg.n_layers) for e in range(cfg.moe_num_experts)]
