@@ -18,6 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .analysis.audit import OBSERVATIONAL
 from .figures import DIVERGING, _finish, expert_color
 
 __all__ = ["patching_heatmap", "coalition_curve", "attribution_scatter", "audit_figure", "regret_figure",
@@ -115,8 +116,8 @@ def audit_figure(audit, mode: str = "zero", metric: str = "load", layer=None) ->
     if c.empty:
         raise ValueError(f"no correlations for mode {mode!r}; modes audited: {sorted(corr['mode'].unique())}")
     ex = audit.experts if layer is None else audit.experts[audit.experts["layer"] == layer]
-    if metric not in ex:
-        raise ValueError(f"metric must be one of the audit's columns {[m for m in ('load', 'mean_weight', 'weight_share', 'dla', 'dla_abs')]}, got {metric!r}")
+    if metric not in OBSERVATIONAL or metric not in ex:
+        raise ValueError(f"metric must be one of {list(OBSERVATIONAL)}, got {metric!r}")
     fig = make_subplots(1, 2, column_widths=[0.5, 0.5], horizontal_spacing=0.12,
                         subplot_titles=(f"rank correlation with the {mode} ablation effect",
                                         f"{metric} vs effect ({'all layers' if layer is None else f'layer {layer}'})"))
