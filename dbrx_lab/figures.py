@@ -21,7 +21,7 @@ from plotly.subplots import make_subplots
 __all__ = ["EXPERT_COLORS", "expert_color", "readable_token", "text_color", "attention_pattern", "usage_heatmap", "routing_map", "routed_text",
            "routed_text_html", "attention_heatmap", "attention_grid", "coactivation_heatmap", "repetition_bars",
            "specialization_bars", "routing_sankey", "ablation_impact", "generation_diff", "routing_cascade",
-           "path_sankey", "card_logits"]
+           "path_sankey", "card_logits", "expert_cache_figure"]
 
 # Okabe & Ito (2008) "Color Universal Design" (8 colours, first) + 8 from Paul Tol's muted, light and bright
 # schemes (https://personal.sron.nl/~pault/), picked greedily to maximise the smallest pairwise CIE76
@@ -783,3 +783,27 @@ def card_logits(card) -> go.Figure:
     fig.update_yaxes(tickfont=dict(family=MONO, size=11))
     return _finish(fig, f"{card.name}: tokens it promotes and suppresses", height=120 + 18 * len(df), width=560,
                    margin=dict(l=110, r=20, t=50, b=50))
+
+
+def expert_cache_figure(stats: pd.DataFrame) -> go.Figure:
+    """An offloaded model's expert cache per layer (`model.expert_cache.stats()`): hit rate and prefetch
+    recall (bars, left axis) and MB read from the file (line, right axis); hover gives the counts."""
+    layers = stats.index.to_numpy()
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    looked = stats["hits"] + stats["prefetched_hits"] + stats["misses"] + stats.get("cpu_computed", 0)
+    for name, col, color, count in (("hit rate", "hit_rate", "#0072B2", "hits"),
+                                    ("prefetch recall", "prefetch_recall", "#E69F00", "prefetched_hits")):
+        fig.add_trace(go.Bar(x=layers, y=stats[col].fillna(0), name=name, marker_color=color,
+                             customdata=np.stack([stats[count], looked], axis=-1),
+                             hovertemplate=f"layer %{{x}}<br>{name} %{{y:.2f}}<br>{count} %{{customdata[0]}} of "
+                                           f"%{{customdata[1]}} experts looked up<extra></extra>"),
+                      secondary_y=False)
+    fig.add_trace(go.Scatter(x=layers, y=stats["bytes_read"] / 1e6, name="MB read", mode="lines+markers",
+                             line=dict(color="#555"), hovertemplate="layer %{x}<br>%{y:.1f} MB read<extra></extra>"),
+                  secondary_y=True)
+    fig.update_layout(template=TEMPLATE, font=FONT, barmode="group", title="Expert cache per layer",
+                      legend=dict(orientation="h", y=1.12), margin=dict(t=70, l=60, r=60, b=50))
+    fig.update_xaxes(title_text="layer", dtick=1)
+    fig.update_yaxes(title_text="fraction", range=[0, 1.05], secondary_y=False)
+    fig.update_yaxes(title_text="MB read from the checkpoint", secondary_y=True, rangemode="tozero")
+    return fig

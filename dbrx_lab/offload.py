@@ -376,17 +376,19 @@ class ExpertCache:
         t0 = time.perf_counter()
         dests = [self.weights(s) for s in slots]
         if self.source is not None:                    # GPU slot <- host cache (pinned) <- file
-            got = self.source.acquire(layer, run)
-            try:
-                with _stream(self._copy_stream):
-                    for dst, e in zip(dests, run):
-                        for a, b in zip(dst, self.source.weights(got[e])):
-                            a.copy_(b, non_blocking=True)
-                if self._copy_stream is not None:
-                    self._copy_stream.synchronize()
-            finally:
-                self.source.release(layer, run)
             nbytes = 0
+            for dst, e in zip(dests, run):
+                slot = self.source.acquire_one(layer, e)
+                try:
+                    src = self.source.weights(slot) if slot is not None else self.source.read_transient(layer, e)
+                    with _stream(self._copy_stream):
+                        for a, b in zip(dst, src):
+                            a.copy_(b, non_blocking=self._copy_stream is not None)
+                    if self._copy_stream is not None:
+                        self._copy_stream.synchronize()
+                finally:
+                    if slot is not None:
+                        self.source.release(layer, [e])
         elif self.device.type == "cpu" and self.store.dtype == self.dtype:
             nbytes = self.store.read_run(layer, run[0], dests)          # straight into the slots
         else:                                          # staging in the stored dtype, then convert / copy
@@ -531,16 +533,26 @@ class OffloadedExperts(nn.Module):
 
     def pair_weights(self, a: int, b: int):
         """[2, F, d] views of experts a and b over the cache's slot tensors (no copy), ordered by slot; `fix`
-        restores (a, b) order. A null expert (not fetched) is computed as its partner, and zeroed."""
+        restores (a, b) order. A null expert (not fetched) takes another slot's weights (any: a bmm rounds each
+        of its two blocks independently, and a stride-0 pair would round differently), and is zeroed."""
         cache = self.runtime.cache
         null_a, null_b = a in self.null_experts, b in self.null_experts
-        if null_a:
-            a = b
-        if null_b:
-            b = a
-        wa = self.expert_weights(a)
-        wb = self.expert_weights(b)
-        sa, sb = self.slots.get(a), self.slots.get(b)
+        slot_of, weights_of = {}, {}
+        for e, null in ((a, null_a), (b, null_b)):
+            if not null:
+                weights_of[e] = self.expert_weights(e)
+                slot_of[e] = self.slots.get(e)
+        if null_a or null_b:
+            real = b if null_a else a
+            s_real = slot_of[real]
+            filler = next((s for s in range(cache.n_slots) if s != s_real), None) if s_real is not None else None
+            sa, sb = (filler, s_real) if null_a else (s_real, filler)
+            if filler is None:
+                wz = tuple(torch.zeros_like(w) for w in weights_of[real])
+                wa, wb = (wz, weights_of[real]) if null_a else (weights_of[real], wz)
+        else:
+            sa, sb = slot_of[a], slot_of[b]
+            wa, wb = weights_of[a], weights_of[b]
         if sa is None or sb is None:                   # a transient copy: the pair as one stacked copy
             views = tuple(torch.stack([x, y]) for x, y in zip(wa, wb))
             sa, sb, stacked = 0, 1, True
@@ -561,6 +573,7 @@ class OffloadedExperts(nn.Module):
                         y[i], h[i] = 0, 0
             return y, h
 
+        fix.swap = swap                                # expert_pair feeds the rows in the views' order
         return views, (fix if swap or null_a or null_b else None)
 
     def compute_expert(self, x: torch.Tensor, e: int, glu):
@@ -597,7 +610,7 @@ class OffloadRuntime:
         self.store, self.device, self.dtype, self.prefetch_enabled = store, torch.device(device), dtype, prefetch
         self.compute = compute
         self.host = None
-        if self.device.type != "cpu" and host_cache_bytes:
+        if host_cache_bytes:                           # (on a CPU only useful to test the two-tier path)
             self.host = ExpertCache(store, host_cache_bytes, torch.device("cpu"), dtype, pin=True,
                                     name="expert_host_cache")
         self.cache = ExpertCache(store, cache_bytes, self.device, dtype, source=self.host)
@@ -626,6 +639,14 @@ class _LayerCall:
         self.rt, self.mlp, self.x, self.experts, self.weights, self.observe = runtime, mlp, x, experts, weights, observe
 
     def __enter__(self):
+        self.host_acquired = []
+        try:
+            return self._enter()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _enter(self):
         rt, mlp, layer = self.rt, self.mlp, self.mlp.layer
         E = mlp.n_experts
         flat = self.experts.reshape(-1)
@@ -644,7 +665,7 @@ class _LayerCall:
         with cache.lock:
             status = {e: cache.status(layer, e) for e in needed}
         on_cpu: dict[int, int] = {}
-        if rt.host is not None and rt.compute != "fetch":
+        if rt.host is not None and (rt.compute == "cpu" or (rt.compute == "auto" and rt.cost is not None)):
             rows = dict(zip(range(E), counts.tolist()))
             for e in needed:
                 if status[e] != MISS:
@@ -657,8 +678,11 @@ class _LayerCall:
         call.null, call.extra, call.tmp = null, [], {}
         # all at once (misses in contiguous runs) when they fit beside what other threads pin; else on demand
         call.slots = cache.acquire(layer, fetch) if len(fetch) <= cache.n_slots - len(cache.pinned) else {}
-        if on_cpu:
+        if on_cpu:                                     # computed where their weights are: the host cache
             got = rt.host.acquire(layer, list(on_cpu))
+            for e in [e for e in on_cpu if e not in got]:    # the host cache cannot hold them all: fetch those
+                del on_cpu[e]
+                call.slots.update(cache.acquire(layer, [e]))
             on_cpu = {e: got[e] for e in on_cpu}
         call.on_cpu = on_cpu
         self.acquired = list(call.slots)
@@ -685,7 +709,7 @@ class _LayerCall:
     def __exit__(self, *exc):
         rt, mlp, layer = self.rt, self.mlp, self.mlp.layer
         call = mlp._call
-        rt.cache.release(layer, list(call.slots))
+        rt.cache.release(layer, list(getattr(call, "slots", ())))
         if self.host_acquired:
             rt.host.release(layer, self.host_acquired)
         for name in ("slots", "null", "extra", "on_cpu", "tmp"):

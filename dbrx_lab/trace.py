@@ -90,6 +90,8 @@ class Record:
     hooks: extra hook names or globs to keep in `trace.activations`, reshaped to [B, T, ...].
     dtype: dtype of attention, expert norms and activations (router data is always float32 / long).
     max_attention_bytes: refuse an attention capture estimated above this many bytes.
+    cache: an offloaded model's per-token expert cache outcome, `trace.cache` [L,B,T,k] (dbrx_lab.offload:
+        1 hit, 2 prefetched, 0 miss, 3 computed on the CPU, -1 not fetched).
     """
 
     router: bool = True
@@ -102,9 +104,10 @@ class Record:
     hooks: Sequence[str] = ()
     dtype: torch.dtype = torch.float32
     max_attention_bytes: int = 2 * 1024 ** 3
+    cache: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("router", "experts"):
+        for name in ("router", "experts", "cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Record.{name} must be True or False, got {getattr(self, name)!r}")
         set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731 (frozen dataclass)
@@ -210,6 +213,15 @@ class Trace:
     activations: dict[str, torch.Tensor] = field(default_factory=dict)   # hook name -> [B, T, ...]
     prompt_length: int = 0                        # T for a forward; prompt columns for a generation
     metadata: dict = field(default_factory=dict)
+
+    @property
+    def cache(self) -> torch.Tensor | None:
+        """[L, B, T, k] int8 expert cache outcome per routed expert (Record(cache=True) on an offloaded model):
+        1 hit, 2 brought by a prefetch, 0 miss (read on demand), 3 computed on the CPU, -1 not fetched."""
+        names = [f"blocks.{i}.ffn.experts.mlp.hook_cache" for i in range(self.n_layers)]
+        if not names or any(n not in self.activations for n in names):
+            return None
+        return torch.stack([self.activations[n] for n in names]).to(torch.int8)
 
     # --- shape properties ------------------------------------------------------------------------
     def _routing(self) -> torch.Tensor | None:
@@ -659,6 +671,11 @@ class Recorder:
             self.activation_names += [f"blocks.{layer}.hook_resid_{w}" for w in ("pre", "mid", "post")]
         for selector in record.hooks:
             self.activation_names += model.resolve_hook_names(selector)
+        if record.cache:
+            if getattr(model, "expert_runtime", None) is None:
+                raise ValueError("Record(cache=True) needs a model whose experts are offloaded "
+                                 "(load_model(..., experts='offload', expert_cache=...))")
+            self.activation_names += [f"blocks.{i}.ffn.experts.mlp.hook_cache" for i in range(cfg.n_layers)]
         self.activation_names = list(dict.fromkeys(self.activation_names))
         pattern_hooks = sum(n.rsplit(".", 1)[-1] in _KEY_DIM_FILL for n in self.activation_names)
         record.check_budget(cfg, batch, total_len, pattern_hooks=pattern_hooks)

@@ -44,7 +44,8 @@ def expert_weights(mlp, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 def pair_weights(mlp, a: int, b: int):
     """([2, F, d] views of w1, v1, w2 for experts a and b (a <= b), fix): `fix(y, h)` maps the pair's outputs
-    back to (a, b) order when the views hold them otherwise (None: already in order)."""
+    back to (a, b) order (`fix.swap`: the views hold (b, a), so the rows go in flipped) and zeroes an
+    expert not fetched; None: nothing to fix."""
     get = getattr(mlp, "pair_weights", None)
     if get is not None:
         return get(a, b)
@@ -201,15 +202,16 @@ def expert_pair(mlp, x: torch.Tensor, a: int, b: int, scratch: Scratch | None = 
     if is_null(mlp, a) and is_null(mlp, b):
         return x.new_zeros(x.shape), x.new_zeros(*x.shape[:2], mlp.ffn)
     (w1, v1, w2), fix = pair_weights(mlp, a, b)
+    swap = getattr(fix, "swap", False)        # the views hold (b, a): feed the rows in that order
     if x.shape[1] == 1:                        # matrix-vector: weight @ x streams the weights faster
         xT = x.transpose(1, 2)                                                 # [2, d, 1]
-        if fix is not None:
+        if swap:
             xT = xT.flip(0)
         h = F.silu(torch.bmm(w1, xT), inplace=True).mul_(torch.bmm(v1, xT))
         h = h.transpose(1, 2)                                                  # [2, 1, F]
         y = torch.bmm(h, w2)
     else:
-        y, h = glu_bmm(x if fix is None else x.flip(0), w1, v1, w2, scratch)
+        y, h = glu_bmm(x.flip(0) if swap else x, w1, v1, w2, scratch)
     return (y, h) if fix is None else fix(y, h)
 
 
@@ -342,16 +344,21 @@ def cpu_experts(mlp, x, experts, weights, observe=False):
 
 
 def _padded_each(mlp, xp: torch.Tensor, n_of: list[int]):
-    """The padded path without an [E, F, d] tensor: xp [E, m, d] -> ([E, m, d], [E, m, F]), each expert's m rows
-    through the same GLU products as one block of `glu_bmm` (equal bits: torch's CPU bmm runs each block as an
-    mm, tested); experts without rows, or not needed, give zeros."""
+    """The padded path without an [E, F, d] tensor (offloaded experts): xp [E, m, d] -> ([E, m, d], [E, m, F]),
+    the experts with rows two at a time through `expert_pair` (a bmm of two blocks rounds each block as the
+    bmm of all E does, on any thread count; an mm may not: tested); the rest are zeros."""
     E, m, d = xp.shape
     y, h = xp.new_zeros(E, m, d), xp.new_zeros(E, m, mlp.ffn)
-    for e, n in enumerate(n_of):
-        if n and not is_null(mlp, e):
-            w1, v1, w2 = expert_weights(mlp, e)
-            h[e] = F.silu(torch.mm(xp[e], w1.T)) * torch.mm(xp[e], v1.T)
-            y[e] = torch.mm(h[e], w2)
+    hit = [e for e, n in enumerate(n_of) if n and not is_null(mlp, e)]
+    for i in range(0, len(hit), 2):
+        if i + 1 < len(hit):
+            a, b = hit[i], hit[i + 1]
+        else:                                  # an odd one out: beside another expert (recomputed, not kept),
+            a = b = hit[i]                     # not beside itself (a stride-0 pair may round differently)
+            if i:
+                a = hit[i - 1]
+        yy, hh = expert_pair(mlp, torch.stack([xp[a], xp[b]]), a, b)
+        y[a], h[a], y[b], h[b] = yy[0], hh[0], yy[1], hh[1]
     return y, h
 
 
