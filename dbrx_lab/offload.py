@@ -735,3 +735,52 @@ class _Resident:
 
     def __init__(self, mlp) -> None:
         self.n_experts, self.ffn = mlp.n_experts, mlp.ffn
+
+
+# ------------------------------------------------------------------------------------------------
+# expected decode speed of real dbrx-instruct (estimates, README and notebook 06)
+SETUPS = {
+    # name: (fast tier GB for cached experts, host RAM GB for experts (None: no host tier), link GB/s,
+    #        RAM GB/s of the CPU, NVMe GB/s)
+    "1 x 80 GB GPU + 256 GB RAM + NVMe": dict(fast_gb=80 - 16, host_gb=256 - 26, link_gbs=25.0, ram_gbs=100.0,
+                                             nvme_gbs=7.0),
+    "1 x H200 (141 GB) + 512 GB RAM": dict(fast_gb=141 - 16, host_gb=512 - 26, link_gbs=50.0, ram_gbs=150.0,
+                                          nvme_gbs=7.0),
+    "CPU only, 128 GB RAM + NVMe": dict(fast_gb=128 - 26, host_gb=None, link_gbs=None, ram_gbs=60.0, nvme_gbs=7.0),
+}
+
+
+def estimate_decode_speed(hit_rates=(0.3, 0.5, 0.7), io_efficiency: float = 1.0, config=None, setups=None):
+    """Estimated decode tokens/s (batch 1) of an offloaded model (default: dbrx-instruct in bf16) per setup and
+    fast-tier hit rate: a step reads the dense part once from the fast tier, and each of the layers x k routed
+    experts is a hit (computed where cached), or a miss: from host RAM either copied over the link or computed
+    on the CPU (memory-bound: bytes / RAM bandwidth), whichever is sooner (`CostModel`), and from the NVMe
+    when the host tier cannot hold it (read at nvme_gbs x io_efficiency). GPU compute of cached experts is
+    taken as free (HBM streams them ~50x faster than PCIe); on a CPU-only box every expert and the dense
+    part are read from RAM. io_efficiency: the measured fraction of the disk's bandwidth the runtime reaches
+    (benchmarks/offload.py: IO bound / decode time). These are estimates, not measurements."""
+    import pandas as pd
+
+    from .config import PRESETS
+
+    cfg = config or PRESETS["dbrx-instruct"]
+    s = 2                                                                        # bf16
+    expert = 3 * cfg.ffn_hidden_size * cfg.d_model * s
+    n_experts = cfg.n_layers * cfg.moe_num_experts
+    dense = (cfg.n_params - n_experts * expert // s) * s
+    per_token = cfg.n_layers * cfg.moe_top_k * expert
+    rows = []
+    for name, st in (setups or SETUPS).items():
+        all_gb = n_experts * expert / 1e9
+        row = {"setup": name, "experts cached on the fast tier": min(1.0, st["fast_gb"] / all_gb)}
+        for h in hit_rates:
+            miss = (1 - h) * per_token
+            if st["host_gb"] is None:                    # CPU only: RAM is the fast tier, the NVMe the slow one
+                t = (dense + per_token) / (st["ram_gbs"] * 1e9) + miss / (st["nvme_gbs"] * 1e9 * io_efficiency)
+            else:
+                in_host = min(1.0, st["host_gb"] / all_gb)
+                per_miss = min(expert / (st["link_gbs"] * 1e9), expert / (st["ram_gbs"] * 1e9))
+                t = (miss / expert) * per_miss + miss * (1 - in_host) / (st["nvme_gbs"] * 1e9 * io_efficiency)
+            row[f"tokens/s at hit rate {h:g}"] = 1.0 / t
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("setup")

@@ -771,3 +771,57 @@ def test_dispatched_hooks_and_interventions_bit_identical(dispatched4, resident4
     assert torch.equal(out, ref)
     assert torch.equal(gen, ref_gen)
     assert not torch.equal(gen, resident4.generate(ids, attention_mask=mask, max_new_tokens=8).cpu())
+
+
+# --- expert offload on the GPU (issue 17) -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def offload_folder(tmp_path_factory):
+    model = widen_(load_model("tiny-vocab"), std=0.3, seed=1)
+    return save_pretrained(model, tmp_path_factory.mktemp("gpu_offload") / "ckpt", dtype=BF16)
+
+
+def _expert_bytes(model) -> int:
+    c = model.config
+    return 3 * c.ffn_hidden_size * c.d_model * 2
+
+
+@needs_bf16
+@pytest.mark.parametrize("slots", [2, 48])
+def test_offload_fetch_bit_identical_on_gpu(offload_folder, slots):
+    """experts="offload" on cuda:0 with every miss copied to the GPU ("fetch", through the pinned host tier or
+    straight from the file): logits, greedy and sampled tokens equal the resident model's on the GPU."""
+    ref = load_model(offload_folder, device=GPU)
+    for host in (0, 48 * _expert_bytes(ref)):
+        model = load_model(offload_folder, device=GPU, experts="offload", expert_cache=slots * _expert_bytes(ref),
+                           expert_compute="fetch", expert_host_cache=host)
+        assert model.expert_cache.slots[0].device == GPU
+        ids = torch.tensor([ref.tokenizer.encode("def add(a, b):\n    return a + b")], device=GPU)
+        assert torch.equal(ref(ids).logits, model(ids).logits)
+        assert torch.equal(ref.generate(ids, max_new_tokens=8), model.generate(ids, max_new_tokens=8))
+        kw = dict(max_new_tokens=8, do_sample=True, seed=2)
+        assert torch.equal(ref.generate(ids, **kw), model.generate(ids, **kw))
+        with ref.intervene(ExpertAblation(1, [0, 1, 2], mode="zero")):
+            x = ref.generate(ids, max_new_tokens=6)
+        with model.intervene(ExpertAblation(1, [0, 1, 2], mode="zero")):
+            y = model.generate(ids, max_new_tokens=6)
+        assert torch.equal(x, y)
+        _, t = model.generate_with_trace(ids, max_new_tokens=4, record=Record(cache=True, experts=True))
+        assert t.cache is not None and t.cache.device.type == "cpu"
+
+
+@needs_bf16
+def test_offload_cpu_compute_within_rounding_on_gpu(offload_folder):
+    """Misses computed on the CPU from the pinned host tier (Fiddler): the same routing, logits within the
+    kernel tests' bfloat16 tolerance of the GPU-resident model."""
+    ref = load_model(offload_folder, device=GPU)
+    model = load_model(offload_folder, device=GPU, experts="offload", expert_cache=2 * _expert_bytes(ref),
+                       expert_compute="cpu", expert_host_cache=48 * _expert_bytes(ref))
+    ids = torch.tensor([ref.tokenizer.encode("def add(a, b):\n    return a + b")], device=GPU)
+    (a, ta), (b, tb) = ref.run_with_trace(ids), model.run_with_trace(ids)
+    assert torch.equal(ta.topk_experts, tb.topk_experts)
+    torch.testing.assert_close(a.logits.float(), b.logits.float(), rtol=0.05, atol=0.05)
+    assert model.expert_cache.stats()["cpu_computed"].sum() > 0
+    auto = load_model(offload_folder, device=GPU, experts="offload", expert_cache=2 * _expert_bytes(ref),
+                      expert_host_cache=48 * _expert_bytes(ref))
+    assert auto.expert_runtime.cost is not None and auto.expert_runtime.cost.pcie_bw > 0
+    auto(ids)
