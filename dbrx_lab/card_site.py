@@ -77,6 +77,10 @@ def context_html(row) -> str:
             f'{"".join(spans)}</div>')
 
 
+def _int(x) -> str:
+    return f"{int(x):,}"
+
+
 def _table(df: pd.DataFrame | None, columns: list[tuple[str, str, Callable]], empty: str) -> str:
     if df is None or df.empty:
         return f'<div class="na">{html.escape(empty)}</div>'
@@ -111,13 +115,13 @@ def card_html(card, partner_link: Callable[[int, int], str] | None = None, meta:
         href = partner_link(card.layer, int(e)) if partner_link else None
         return f'<a href="{href}">{label}</a>' if href else label
 
-    partners = _table(card.partners, [("expert", "partner", partner), ("count_both", "tokens together", str),
+    partners = _table(card.partners, [("expert", "partner", partner), ("count_both", "tokens together", _int),
                                       ("p_given_this", "P(partner | this)", lambda x: f"{x:.2f}"),
                                       ("lift", "lift", lambda x: f"{x:.2f}")], "no partner")
-    tokens = _table(card.tokens, [("token", "token", _token), ("count", "routed", str),
-                                  ("occurrences", "seen", str), ("share_of_token", "share", lambda x: f"{x:.0%}"),
+    tokens = _table(card.tokens, [("token", "token", _token), ("count", "routed", _int),
+                                  ("occurrences", "seen", _int), ("share_of_token", "share", lambda x: f"{x:.0%}"),
                                   ("lift", "lift", lambda x: f"{x:.2f}")], "no token seen often enough")
-    group_cols = lambda name: [(name, name, _token), ("count", "routed", str), ("tokens", "of", str),  # noqa: E731
+    group_cols = lambda name: [(name, name, _token), ("count", "routed", _int), ("tokens", "of", _int),  # noqa: E731
                                ("share", "share", lambda x: f"{x:.1%}"), ("lift", "lift", lambda x: f"{x:.2f}")]
     classes = _table(card.classes, group_cols("class"), "")
     labels = _table(card.labels, group_cols("label"), "the data has no label field")

@@ -3,7 +3,7 @@ through playwright.
 
 Opens the ablation lab notebook, runs all cells, waits for the widgets and plotly figures, toggles an
 expert, presses Generate and checks that an ablated generation streams in and differs from the baseline;
-checks that notebooks 01 and 02 render their figures and widgets. Screenshots go to
+checks that notebooks 01 and 02 render their figures and widgets; drives the card browser of notebook 08. Screenshots go to
 test-artifacts/screenshots/ (gitignored). Needs /usr/bin/chromium (apt: chromium) and the playwright
 Python package; playwright's own browser download is not used.
 """
@@ -275,3 +275,55 @@ def test_routing_explorer_click_follows_token(page, lab):
     page.wait_for_function("() => document.querySelector('.dbrx-token-path').innerText.includes('position 1')",
                            timeout=30_000)
     assert explorer.locator(".dbrx-error-box").count() == 0
+
+
+def test_card_browser_search_sort_pick_and_partner(page, lab):
+    """Notebook 08's card browser: every handler driven from the browser (token search, sort column, order
+    toggle, picking a card in the list, a partner button) changes what the widget shows."""
+    open_and_run(page, lab, "08_expert_cards.ipynb")
+    assert_no_cell_errors(page, "08_expert_cards.ipynb")
+    wait_for_plots(page, 3)                                   # card logits, path Sankey (+ the browser's pane)
+    box = page.locator(".dbrx-lab", has=page.locator(".dbrx-card-list")).first
+    box.wait_for(timeout=60_000)
+    view = box.locator(".dbrx-card-view")
+    page.wait_for_function("() => document.querySelector('.dbrx-card-view [data-card]')", timeout=60_000)
+    shot(page, "08_card_browser", box)
+    listing = box.locator(".dbrx-card-list select")
+    assert listing.locator("option").count() == 64
+
+    def shown() -> str:
+        return view.locator("[data-card]").get_attribute("data-card")
+
+    def first_option() -> str:
+        return listing.locator("option").first.inner_text()
+
+    # sort by another column, then flip the order: the first listed card changes
+    before = first_option()
+    box.locator(".dbrx-card-sort select").select_option("count")
+    page.wait_for_function("t => document.querySelector('.dbrx-card-list option')?.textContent !== t",
+                           arg=before, timeout=30_000)
+    by_count = first_option()
+    box.locator(".dbrx-card-order").click()
+    page.wait_for_function("t => document.querySelector('.dbrx-card-list option')?.textContent !== t",
+                           arg=by_count, timeout=30_000)
+    # pick the last listed card: the card view follows
+    last = listing.locator("option").last
+    name = last.inner_text().split()[0] + " " + last.inner_text().split()[1]
+    listing.select_option(index=listing.locator("option").count() - 1)
+    page.wait_for_function("n => document.querySelector('.dbrx-card-view [data-card]')?.dataset.card === n",
+                           arg=name, timeout=30_000)
+    # a partner button opens the partner's card (once the new card's buttons are drawn)
+    partner = box.locator(f".dbrx-partner-of-{name.replace(' ', '-')}:not([disabled])").first
+    partner.wait_for(timeout=30_000)
+    target = " ".join(partner.inner_text().split()[:2])
+    partner.click()
+    page.wait_for_function("n => document.querySelector('.dbrx-card-view [data-card]')?.dataset.card === n",
+                           arg=target, timeout=30_000)
+    assert shown() == target
+    # token search (sent on Enter) narrows the list to the cards that mention the token
+    search = box.locator(".dbrx-card-search input")
+    search.fill("def")
+    search.press("Enter")
+    page.wait_for_function("() => document.querySelectorAll('.dbrx-card-list option').length < 64", timeout=30_000)
+    assert "mention" in box.inner_text() and box.locator(".dbrx-error-box").count() == 0
+    shot(page, "08_card_browser_partner", box)

@@ -114,6 +114,7 @@ class CardBrowser(LabWidget):
             b = W.Button(description=f"L{layer} e{int(p['expert'])} · lift {p['lift']:.2f}",
                          tooltip=f"{int(p['count_both'])} tokens chose both", layout=W.Layout(width="auto"))
             b.add_class("dbrx-card-partner")
+            b.add_class(f"dbrx-partner-of-L{layer}-e{expert}")        # which card's partner (for the browser test)
             if (layer, int(p["expert"])) not in self.cards.cards:
                 b.disabled, b.tooltip = True, "no card was built for this expert"
             b.on_click(self._guard(lambda _, e=int(p["expert"]): self.select(layer, e), "partner"))
