@@ -232,6 +232,27 @@ class ExpertCache:
             self.from_prefetch.clear()
             self.free = list(range(self.n_slots))[::-1]
 
+    def warm(self, source, limit: int | None = None) -> list[tuple[int, int]]:
+        """Fill the cache with the experts used most often (MoE-Infinity's idea): `source` is a Trace, a
+        route-stats folder, or an `analysis.expert_load` table (columns layer, expert, count). Reads them in
+        order of use, up to the cache's size (or `limit` experts); returns the (layer, expert) pairs read."""
+        from . import analysis
+
+        load = source if hasattr(source, "columns") else analysis.expert_load(source)
+        if not {"layer", "expert", "count"} <= set(load.columns):
+            raise ValueError(f"warm() needs a Trace, a route-stats folder or an expert_load table with columns "
+                             f"layer, expert, count; got columns {list(load.columns)}")
+        load = load.groupby(["layer", "expert"], as_index=False)["count"].sum()
+        load = load[(load["count"] > 0) & (load["layer"] < self.store.n_layers) &
+                    (load["expert"] < self.store.n_experts)].sort_values("count", ascending=False, kind="stable")
+        n = self.n_slots if limit is None else max(0, min(int(limit), self.n_slots))
+        chosen = [(int(l), int(e)) for l, e in zip(load["layer"], load["expert"])][:n]
+        for layer in sorted({l for l, _ in chosen}):
+            experts = sorted(e for l, e in chosen if l == layer)
+            self.acquire(layer, experts)                     # contiguous reads, then unpinned
+            self.release(layer, experts)
+        return chosen
+
     def cached(self) -> list[tuple[int, int]]:
         """(layer, expert) pairs held now, least recently used first."""
         with self.lock:

@@ -325,3 +325,33 @@ def test_killed_run_leaves_only_the_checkpoint(folder, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert sorted(os.listdir(folder)) == before and os.listdir(tmp_path) == []
+
+
+def test_warm_from_a_trace_or_route_stats(resident, folder, tmp_path):
+    """MoE-Infinity's idea: the experts a trace (or a route-stats folder) used most are read before the run."""
+    ids = ids_of(resident)
+    _, t = resident.run_with_trace(ids)
+    small = offloaded(folder, 8, expert_prefetch=False)
+    assert len(small.expert_cache.warm(t)) == 8 == len(small.expert_cache.cached())     # up to the cache's size
+    model = offloaded(folder, 48, expert_prefetch=False)
+    warmed = model.expert_cache.warm(t, limit=8)
+    assert len(warmed) == 8 and sorted(model.expert_cache.cached()) == sorted(warmed)
+    assert not model.expert_cache.pinned
+    from dbrx_lab import analysis
+
+    load = analysis.expert_load(t)
+    top = load.sort_values("count", ascending=False, kind="stable").iloc[0]
+    assert (int(top["layer"]), int(top["expert"])) in warmed
+    model.expert_cache.reset_stats()
+    assert torch.equal(model(ids).logits, resident(ids).logits)
+    assert model.expert_cache.stats()["hits"].sum() >= 8         # every warmed expert was used: hits
+    from dbrx_lab import route_stats
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("\n".join(json.dumps({"text": s}) for s in ("x = 1", PROMPT, "import os")) + "\n")
+    out = tmp_path / "stats"
+    route_stats(resident, str(texts), str(out), progress=False)
+    cold = offloaded(folder, 4, expert_prefetch=False)
+    assert len(cold.expert_cache.warm(out, limit=3)) == 3
+    with pytest.raises(ValueError, match="layer, expert, count"):
+        cold.expert_cache.warm(pd.DataFrame({"a": [1]}))
