@@ -137,7 +137,7 @@ def card_html(card, partner_link: Callable[[int, int], str] | None = None, meta:
             f'<div class="cols">{logits}</div>'
             f'<div class="cols"><div><h4>Co-activated partners (same layer)</h4>{partners}</div>'
             f'<div><h4>Ablation on the contexts</h4>{ablation}</div></div>'
-            f'<div class="cols"><div><h4>Top tokens (share of the token\'s occurrences routed here)</h4>{tokens}</div>'
+            f'<div class="cols"><div><h4>Top tokens (share of the token\'s occurrences routed here, ranked smoothed towards k/E)</h4>{tokens}</div>'
             f'<div><h4>Token classes</h4>{classes}</div><div><h4>Dataset labels</h4>{labels}</div></div></div>')
 
 
@@ -151,6 +151,7 @@ h2 { font: 600 17px Inter, 'Helvetica Neue', Arial, sans-serif; margin: 28px 0 6
   overflow-x: auto; }
 p, .note { font: 13px Inter, 'Helvetica Neue', Arial, sans-serif; color: #555; }
 #cards th { cursor: pointer; user-select: none; white-space: nowrap; } #cards th.sorted { color: #B2182B; }
+#cards td:first-child { white-space: nowrap; }
 #search { font-size: 13px; padding: 4px 8px; width: 260px; }
 """
 

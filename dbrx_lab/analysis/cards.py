@@ -206,7 +206,8 @@ def expert_cards(source, model=None, layers: Sequence[int] | None = None, expert
 
     layers / experts: the cards to make (default all); n_contexts: top contexts per card; window: tokens
     shown (before, after) each top token; n_logits: promoted and suppressed tokens listed; n_partners: partners
-    listed; n_tokens / min_token_count: top tokens listed, among tokens seen at least that often;
+    listed; n_tokens / min_token_count: top tokens listed, among tokens seen at least that often (ranked by
+    the share of their occurrences routed to the expert, smoothed towards k/E: see `_top_tokens`);
     ablation: ExpertAblation mode ("reroute", "zero", "renormalize") or None to skip it; batch_size:
     contexts per forward pass.
     """
@@ -270,8 +271,7 @@ def expert_cards(source, model=None, layers: Sequence[int] | None = None, expert
     class_df = specialization_from_load(by_class.result(), "token_class")
     label_df = specialization_from_load(by_label.result(), "label") if labelled else None
     co_df = co.result()
-    tok_df = vocab.top_tokens(n=n_tokens, min_count=min_token_count)
-    tok_df["lift"] = tok_df["share_of_token"] / tok_df["baseline"]
+    tok_df = _top_tokens(vocab, n_tokens, min_token_count)
     n_total = int(load_df["tokens"].iloc[0])
 
     cards: dict[tuple[int, int], ExpertCard] = {}
@@ -290,8 +290,7 @@ def expert_cards(source, model=None, layers: Sequence[int] | None = None, expert
                                      "count_both": partners["count_both"].to_numpy(),
                                      "p_given_this": partners["p_j_given_i"].to_numpy(),
                                      "lift": partners["lift"].to_numpy()})
-            toks = tok_df[(tok_df["layer"] == l) & (tok_df["expert"] == e)]
-            toks = toks[["token_id", "token", "count", "occurrences", "share_of_token", "lift"]].reset_index(drop=True)
+            toks = tok_df.get((l, e), tok_df["empty"])
             cards[(l, e)] = ExpertCard(
                 l, e, stats, top.result(l, e), partners, toks,
                 _group_table(class_df, "token_class", "class", l, e),
@@ -310,6 +309,39 @@ def expert_cards(source, model=None, layers: Sequence[int] | None = None, expert
                          "ablation": ablation if model is not None else None},
             "seconds": {"routing_pass": round(t_pass, 3), "model": round(t_model, 3)}}
     return ExpertCards(_summary(cards), cards, meta)
+
+
+PRIOR_OCCURRENCES = 4       # pseudo-occurrences at the random share k/E when ranking a card's top tokens
+
+
+def _top_tokens(vocab: VocabCounts, n: int, min_count: int) -> dict:
+    """Per (layer, expert): the n tokens (seen >= min_count times) with the largest share of their occurrences
+    routed to the expert, the share smoothed towards k/E by PRIOR_OCCURRENCES pseudo-occurrences, so a
+    token routed here 20 times out of 20 ranks above one seen twice. Values: DataFrames with token_id,
+    token, count, occurrences, share_of_token (unsmoothed) and lift (share / (k/E)); "empty": none."""
+    cols = ["token_id", "token", "count", "occurrences", "share_of_token", "lift"]
+    out: dict = {"empty": pd.DataFrame(columns=cols)}
+    ids, occ, counts = vocab._table()                                                # [R], [R], [R, L, E]
+    keep = np.flatnonzero(occ >= min_count)
+    if not len(keep):
+        return out
+    ids, occ, counts = ids[keep], occ[keep], counts[keep]
+    base = vocab.baseline()
+    score = (counts + PRIOR_OCCURRENCES * base) / (occ[:, None, None] + PRIOR_OCCURRENCES)
+    score = np.where(counts > 0, score, -1.0)
+    m = min(n, len(ids))
+    top = np.argpartition(-score, m - 1, axis=0)[:m] if m < len(ids) else np.broadcast_to(
+        np.arange(len(ids))[:, None, None], score.shape)                                # [m, L, E]
+    for li, layer in enumerate(vocab.layers):
+        for e in range(counts.shape[2]):
+            rows = top[:, li, e]
+            rows = rows[np.argsort(-score[rows, li, e], kind="stable")]
+            rows = rows[counts[rows, li, e] > 0]
+            c, o = counts[rows, li, e], occ[rows]
+            out[(int(layer), e)] = pd.DataFrame({
+                "token_id": ids[rows], "token": [vocab.strings.get(int(i)) for i in ids[rows]], "count": c,
+                "occurrences": o, "share_of_token": c / o, "lift": c / o / base}, columns=cols)
+    return out
 
 
 def _group_table(df: pd.DataFrame, column: str, name: str, layer: int, expert: int) -> pd.DataFrame:
