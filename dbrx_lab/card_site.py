@@ -133,6 +133,11 @@ def card_html(card, partner_link: Callable[[int, int], str] | None = None, meta:
                     f'token</td><td class="num">{_num(a["delta_loss"], "+.3f")} nats (over {a["contexts"]} '
                     f'contexts; baseline {_num(a["base_loss"], ".3f")})</td></tr><tr><td>KL(baseline ‖ ablated)'
                     f'</td><td class="num">{_num(a["kl"], ".3f")} nats (over {a["runs"]})</td></tr></table>')
+    if getattr(card, "audit", None):
+        rows = "".join(f'<tr><td>dataset-wide, {html.escape(m)} (expert_audit)</td><td class="num">'
+                       f'{_num(v["effect"], "+.4f")} nats per token [{_num(v["lo"], "+.4f")}, {_num(v["hi"], "+.4f")}]'
+                       f' over {card.audit["tokens"]} tokens</td></tr>' for m, v in card.audit["effects"].items())
+        ablation += f"<table>{rows}</table>"
     return (f'<div class="dbrx-xcard" data-card="{card.name}">{head}{contexts}'
             f'<div class="cols">{logits}</div>'
             f'<div class="cols"><div><h4>Co-activated partners (same layer)</h4>{partners}</div>'
@@ -176,7 +181,7 @@ _SUMMARY_HEAD = [("card", "card"), ("count", "routed"), ("share", "share"), ("li
                  ("top_token_share", "token share"), ("top_class", "top class"), ("class_lift", "class lift"),
                  ("top_label", "top label"), ("label_lift", "label lift"), ("top_partner", "partner"),
                  ("partner_lift", "partner lift"), ("promoted", "promotes"), ("suppressed", "suppresses"),
-                 ("ablation_delta", "ablation Δloss"), ("ablation_kl", "ablation KL")]
+                 ("ablation_delta", "ablation Δloss"), ("ablation_kl", "ablation KL"), ("audit_effect", "audit effect")]
 
 
 def _card_file(layer: int, expert: int) -> str:

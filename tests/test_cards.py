@@ -136,6 +136,24 @@ def test_card_logit_effects_match_logit_attribution(planted, planted_stats):
     assert card.ablation["kl"] == pytest.approx(float((base.exp() * (base - abl)).sum()), abs=1e-4)
 
 
+def test_cards_take_the_causal_audit(planted, planted_stats):
+    """issue 20's expert_audit (dataset-wide ablation effects with bootstrap CIs) lands on the cards it covers."""
+    audit = analysis.expert_audit(planted, planted_stats, layers=[0], experts=[4, 5], modes=("zero",), n_boot=50,
+                                  n_perm=50, progress=False)
+    cards = expert_cards(planted_stats, layers=[0], experts=[3, 4, 5], n_contexts=1, audit=audit)
+    got = audit.experts.set_index(["layer", "expert"])
+    assert cards[0, 3].audit is None and np.isnan(cards.summary.set_index("card").loc["L0 e3", "audit_effect"])
+    for e in (4, 5):
+        effect = cards[0, e].audit["effects"]["zero"]
+        assert effect["effect"] == got.loc[(0, e), "effect_zero"]
+        assert effect["lo"] <= effect["effect"] <= effect["hi"]
+        assert cards.summary.set_index("card").loc[f"L0 e{e}", "audit_effect"] == effect["effect"]
+    assert cards[0, 4].audit["effects"]["zero"]["effect"] == pytest.approx(0, abs=1e-6)    # expert 4 writes nothing
+    assert cards[0, 5].audit["effects"]["zero"]["effect"] != 0
+    with pytest.raises(ValueError, match="audit must be the CausalAudit"):
+        expert_cards(planted_stats, layers=[0], experts=[3], audit="not an audit")
+
+
 @pytest.fixture(scope="module")
 def known_paths():
     """tiny preset (vocab 512, 2 layers, 16 experts, top-4) whose paths follow the token's group id % 4."""

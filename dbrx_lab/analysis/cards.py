@@ -36,7 +36,7 @@ __all__ = ["ExpertCard", "ExpertCards", "expert_cards", "SUMMARY_COLUMNS"]
 SUMMARY_COLUMNS = ("card", "layer", "expert", "count", "share", "lift_uniform", "top1_count", "mean_weight",
                    "max_weight", "top_token", "top_token_count", "top_token_share", "top_class", "class_lift",
                    "class_count", "top_label", "label_lift", "top_partner", "partner_lift", "promoted",
-                   "suppressed", "ablation_delta", "ablation_kl", "ablation_n")
+                   "suppressed", "ablation_delta", "ablation_kl", "ablation_n", "audit_effect")
 
 
 @dataclass
@@ -52,7 +52,8 @@ class ExpertCard:
     partners: expert, count_both, p_given_this, lift. tokens: token_id, token, count, occurrences,
     share_of_token, lift. classes / labels: class|label, tokens, count, share, lift (vs all tokens).
     ablation: mode, contexts (with a next token), delta_loss (nats, > 0: the model got worse), kl (nats),
-    per-context deltas.
+    per-context deltas. audit: the dataset-wide ablation effect from `expert_audit` (issue 20's causal audit)
+    when one was passed: per mode, effect / lo / hi (nats per token, bootstrap CI) and tokens.
     """
 
     layer: int
@@ -67,6 +68,7 @@ class ExpertCard:
     suppressed: pd.DataFrame | None = None
     dla_positions: int = 0
     ablation: dict[str, Any] | None = None
+    audit: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -80,7 +82,7 @@ class ExpertCard:
                 "contexts": table(self.contexts), "partners": table(self.partners), "tokens": table(self.tokens),
                 "classes": table(self.classes), "labels": table(self.labels), "promoted": table(self.promoted),
                 "suppressed": table(self.suppressed), "dla_positions": self.dla_positions,
-                "ablation": self.ablation}
+                "ablation": self.ablation, "audit": self.audit}
 
 
 @dataclass
@@ -199,7 +201,7 @@ def _top_table(df: pd.DataFrame, key: str, value: str = "lift", min_count: int =
 def expert_cards(source, model=None, layers: Sequence[int] | None = None, experts: Sequence[int] | None = None,
                  n_contexts: int = 8, window: tuple[int, int] = (12, 4), n_logits: int = 10, n_partners: int = 5,
                  n_tokens: int = 10, min_token_count: int = 2, ablation: str | None = "reroute",
-                 batch_size: int = 8, progress: bool = False) -> ExpertCards:
+                 batch_size: int = 8, audit=None, progress: bool = False) -> ExpertCards:
     """Cards for every (layer, expert) of `source` (a route-stats folder, traces, a routing table: see
     `dbrx_lab.analysis.routing`), one pass over its routing, plus two forward passes per card when a `model`
     is given (the DbrxLM that made the routing: logit effects and ablation; None leaves them out).
@@ -209,7 +211,8 @@ def expert_cards(source, model=None, layers: Sequence[int] | None = None, expert
     listed; n_tokens / min_token_count: top tokens listed, among tokens seen at least that often (ranked by
     the share of their occurrences routed to the expert, smoothed towards k/E: see `_top_tokens`);
     ablation: ExpertAblation mode ("reroute", "zero", "renormalize") or None to skip it; batch_size:
-    contexts per forward pass.
+    contexts per forward pass. audit: a `CausalAudit` (`expert_audit(model, texts)`, e.g. on the same
+    route-stats folder) whose dataset-wide ablation effects are added to the cards it covers.
     """
     for name, value, low in (("n_contexts", n_contexts, 1), ("n_logits", n_logits, 1), ("n_partners", n_partners, 0),
                              ("n_tokens", n_tokens, 1), ("min_token_count", min_token_count, 1),
@@ -300,6 +303,8 @@ def expert_cards(source, model=None, layers: Sequence[int] | None = None, expert
     if model is not None:
         _model_parts(model, cards, n_logits, ablation, batch_size, progress)
     t_model = time.perf_counter() - t1
+    if audit is not None:
+        _add_audit(cards, audit)
     meta = {"n_layers": len(all_layers), "layers": all_layers, "n_experts": E, "top_k": k, "tokens": n_total,
             "texts": len(texts), "labelled": labelled, "token_strings": has_tokens,
             "source": str(source) if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else
@@ -344,6 +349,22 @@ def _top_tokens(vocab: VocabCounts, n: int, min_count: int) -> dict:
     return out
 
 
+def _add_audit(cards: dict[tuple[int, int], ExpertCard], audit) -> None:
+    """Attach `expert_audit`'s per-expert ablation effects (with their bootstrap CIs) to the cards it audited."""
+    table = getattr(audit, "experts", None)
+    if not isinstance(table, pd.DataFrame) or not {"layer", "expert"} <= set(table.columns):
+        raise ValueError("audit must be the CausalAudit that analysis.expert_audit returns")
+    modes = [c.removeprefix("effect_") for c in table.columns
+             if c.startswith("effect_") and not c.endswith(("_lo", "_hi"))]
+    for _, row in table.iterrows():
+        card = cards.get((int(row["layer"]), int(row["expert"])))
+        if card is None or not modes:
+            continue
+        card.audit = {"tokens": int(row["tokens"]) if "tokens" in row else None,
+                      "effects": {m: {"effect": float(row[f"effect_{m}"]), "lo": float(row[f"effect_{m}_lo"]),
+                                      "hi": float(row[f"effect_{m}_hi"])} for m in modes}}
+
+
 def _group_table(df: pd.DataFrame, column: str, name: str, layer: int, expert: int) -> pd.DataFrame:
     """One card's rows of a specialization table: name, tokens (of the group), count, share, lift."""
     d = df[(df["layer"] == layer) & (df["expert"] == expert)]
@@ -375,7 +396,8 @@ def _summary(cards: dict[tuple[int, int], ExpertCard]) -> pd.DataFrame:
             "suppressed": None if c.suppressed is None or c.suppressed.empty else c.suppressed["token"].iloc[0],
             "ablation_delta": np.nan if c.ablation is None else c.ablation["delta_loss"],
             "ablation_kl": np.nan if c.ablation is None else c.ablation["kl"],
-            "ablation_n": 0 if c.ablation is None else c.ablation["contexts"]})
+            "ablation_n": 0 if c.ablation is None else c.ablation["contexts"],
+            "audit_effect": np.nan if c.audit is None else next(iter(c.audit["effects"].values()))["effect"]})
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 
