@@ -15,7 +15,6 @@ import html
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -142,7 +141,8 @@ def card_html(card, partner_link: Callable[[int, int], str] | None = None, meta:
             f'<div class="cols">{logits}</div>'
             f'<div class="cols"><div><h4>Co-activated partners (same layer)</h4>{partners}</div>'
             f'<div><h4>Ablation on the contexts</h4>{ablation}</div></div>'
-            f'<div class="cols"><div><h4>Top tokens (share of the token\'s occurrences routed here, ranked smoothed towards k/E)</h4>{tokens}</div>'
+            f'<div class="cols"><div><h4>Top tokens (share of the token\'s occurrences routed here, ranked '
+            f'smoothed towards k/E)</h4>{tokens}</div>'
             f'<div><h4>Token classes</h4>{classes}</div><div><h4>Dataset labels</h4>{labels}</div></div></div>')
 
 
@@ -181,7 +181,9 @@ _SUMMARY_HEAD = [("card", "card"), ("count", "routed"), ("share", "share"), ("li
                  ("top_token_share", "token share"), ("top_class", "top class"), ("class_lift", "class lift"),
                  ("top_label", "top label"), ("label_lift", "label lift"), ("top_partner", "partner"),
                  ("partner_lift", "partner lift"), ("promoted", "promotes"), ("suppressed", "suppresses"),
-                 ("ablation_delta", "ablation Δloss"), ("ablation_kl", "ablation KL"), ("audit_effect", "audit effect")]
+                 ("ablation_delta", "ablation Δloss"), ("ablation_kl", "ablation KL"),
+                 ("audit_effect", "audit effect")]
+_TEXT_COLUMNS = ("card", "top_token", "top_class", "top_label", "promoted", "suppressed")
 
 
 def _card_file(layer: int, expert: int) -> str:
@@ -214,7 +216,7 @@ def _cell(value) -> tuple[str, str]:
 
 def _index(cards, paths_html: str) -> str:
     m = cards.meta
-    head = "".join(f'<th data-type="{"text" if c in ("card", "top_token", "top_class", "top_label", "promoted", "suppressed") else "num"}">'
+    head = "".join(f'<th data-type="{"text" if c in _TEXT_COLUMNS else "num"}">'
                    f"{html.escape(t)}</th>" for c, t in _SUMMARY_HEAD)
     rows = []
     for _, r in cards.summary.iterrows():
@@ -333,7 +335,8 @@ def demo_texts(path: str | os.PathLike) -> Path:
     """Write the demo model's evaluation texts (dbrx_lab/data/demo_eval, never trained on) as labelled JSONL for
     route-stats: each prose paragraph and each top-level block of the Python file is a text ("prose" / "code")."""
     folder = Path(__file__).parent / "data" / "demo_eval"
-    rows = [{"text": p.strip(), "label": "prose"} for p in (folder / "prose.txt").read_text().split("\n\n") if p.strip()]
+    rows = [{"text": p.strip(), "label": "prose"} for p in (folder / "prose.txt").read_text().split("\n\n")
+            if p.strip()]
     rows += [{"text": b.strip("\n"), "label": "code"} for b in (folder / "code.py").read_text().split("\n\n\n")
              if b.strip()]
     path = Path(path)

@@ -426,8 +426,6 @@ def _batch(prefixes: list[list[int]], device) -> tuple[torch.Tensor, torch.Tenso
 def _last_column(model, prefixes: list[list[int]], layer: int, interventions=()) -> dict[str, torch.Tensor]:
     """One forward over left-padded prefixes (logits at the last column only); -> logits [B, V] and, at the
     last column, the layer's chosen experts/weights/unweighted outputs and the final residual."""
-    from ..interventions import ExpertAblation  # noqa: F401  (interventions come from the caller)
-
     L = model.config.n_layers
     kept: dict[str, torch.Tensor] = {}
 

@@ -19,7 +19,7 @@ import keyword
 import string
 import unicodedata
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
