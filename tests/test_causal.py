@@ -544,3 +544,25 @@ def test_attribution_agrees_with_exact_patching_on_the_demo_model(demo_model):
     agree = causal.patching_agreement(exact, approx)
     assert agree["units"] == 64 and agree["spearman"] > 0.5 and agree["pearson"] > 0.3
     assert approx.attrs["forwards"] == 3 and exact.attrs["forwards"] == 66
+
+
+def test_patching_with_aligned_positions_of_different_lengths():
+    model = planted_model(carriers=(5,))
+    df = causal.expert_patching(model, [B, A, X], [A, Y], A, B, layers=[0], positions=[1], clean_positions=[2],
+                                progress=False)
+    assert df.attrs["clean_metric"] > 10 and abs(df.attrs["corrupted_metric"]) < 1e-4
+    assert df.set_index("expert").recovery[5] == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="positions has 1 columns and clean_positions 2"):
+        causal.expert_patching(model, [B, A, X], [A, Y], A, B, positions=[1], clean_positions=[1, 2], progress=False)
+
+
+def test_frozen_variant_equals_downstream_at_the_last_layer(demo_model):
+    """At the last layer nothing is downstream, so the frozen (local) variant is exact there."""
+    from dbrx_lab.analysis.counterfactual import counterfactual_routing
+
+    ids = demo_model.tokenizer.encode("def add(a, b):\n    return a + b\n")
+    L = demo_model.config.n_layers
+    down = counterfactual_routing(demo_model, ids, positions=[6], layers=[L - 1], progress=False)
+    frozen = counterfactual_routing(demo_model, ids, positions=[6], layers=[L - 1], variant="frozen", progress=False)
+    assert np.allclose(down.losses, frozen.losses, atol=2e-4)
+    assert frozen.table.variant[0] == "frozen" and frozen.forwards == 1
