@@ -566,3 +566,19 @@ def test_frozen_variant_equals_downstream_at_the_last_layer(demo_model):
     frozen = counterfactual_routing(demo_model, ids, positions=[6], layers=[L - 1], variant="frozen", progress=False)
     assert np.allclose(down.losses, frozen.losses, atol=2e-4)
     assert frozen.table.variant[0] == "frozen" and frozen.forwards == 1
+
+
+def test_coalition_and_router_steer_on_the_demo_model(demo_model):
+    from dbrx_lab import RouterSteer
+
+    clean, corrupt = "import os\nimport sys\n\nprint(os.", "import re\nimport sys\n\nprint(re."
+    single = causal.expert_patching(demo_model, clean, corrupt, "path", "compile", layers=[0, 2], progress=False)
+    top = single.nlargest(4, "recovery")
+    curve = causal.expert_coalition(demo_model, clean, corrupt, "path", "compile", max_size=2, candidates=top,
+                                    stop_at=None, progress=False)
+    assert curve.recovery[1] == pytest.approx(top.recovery.iloc[0], abs=1e-5)      # step 1 = best single unit
+    assert (curve.layer[1], curve.expert[1]) == (top.layer.iloc[0], top.expert.iloc[0])
+    assert curve.attrs["forwards"] == 2 + 4 + 3 and len(curve) == 3
+    with demo_model.intervene(RouterSteer(2, [8], mode="max")):
+        _, trace = demo_model.generate_with_trace("The cache keeps", max_new_tokens=4)
+    assert (trace.topk_experts[2] == 8).any(-1).all()
