@@ -120,7 +120,7 @@ def test_card_logit_effects_match_logit_attribution(planted, planted_stats):
     cards = expert_cards(planted_stats, planted, layers=[0], experts=[5], n_contexts=1, n_logits=3)
     card = cards[0, 5]
     ctx = card.contexts.iloc[0]
-    ids = torch.tensor([ctx["prefix_ids"]])
+    ids = torch.tensor(ctx["prefix_ids"], dtype=torch.long)[None]
     for target, logit in zip(card.promoted["token_id"], card.promoted["logit"]):
         la = analysis.logit_attribution(planted, ids, target=int(target))
         comp = la.components
@@ -378,6 +378,7 @@ def test_demo_cards_and_paths(demo_stats):
         assert set(card.labels["label"]) == {"prose", "code"}
         assert card.classes["count"].sum() == s["count"]
         assert (card.partners["count_both"] > 0).all() and len(card.partners) == 5
+        assert json.loads(json.dumps(card.to_dict()))["stats"] == s
     paths = analysis.routing_paths(stats)
     pur = analysis.path_purity(paths).set_index("grouping")
     assert ((pur["purity"] >= pur["baseline"] - 1e-9) & (pur["purity"] <= 1)).all()

@@ -17,6 +17,7 @@ A card holds, each with the counts it rests on:
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -75,9 +76,10 @@ class ExpertCard:
         return f"L{self.layer} e{self.expert}"
 
     def to_dict(self) -> dict:
-        """JSON-ready form (the offline site embeds it)."""
+        """Plain lists and dicts (json.dumps-able; the contexts' token-id prefixes left out), to share or store."""
         def table(df):
-            return None if df is None else df.to_dict(orient="records")
+            return None if df is None else json.loads(df.drop(columns=["prefix_ids"], errors="ignore")
+                                                      .to_json(orient="records"))
         return {"layer": self.layer, "expert": self.expert, "name": self.name, "stats": self.stats,
                 "contexts": table(self.contexts), "partners": table(self.partners), "tokens": table(self.tokens),
                 "classes": table(self.classes), "labels": table(self.labels), "promoted": table(self.promoted),
@@ -166,7 +168,8 @@ class _TopContexts:
                         "tokens": [str(t) for t in tokens[a:b + 1]] if tokens is not None else
                                   [str(t) for t in ids[a:b + 1]],
                         "weights": [round(float(x), 4) for x in w[a:b + 1]], "center": int(i - a),
-                        "prefix_ids": [int(t) for t in ids[first_row[i]:i + 1]] if ids is not None else None,
+                        "prefix_ids": (np.asarray(ids[first_row[i]:i + 1], dtype=np.int32) if ids is not None
+                                       else None),
                         "next_id": int(ids[i + 1]) if ids is not None and i < last_row[i] else -1})
                 found.sort(key=lambda c: (-c["weight"], c["text"], c["position"]))
                 del found[self.n:]
@@ -407,7 +410,8 @@ def _distinct_rows(unembed: torch.Tensor) -> torch.Tensor:
     """Ids of the first of each group of identical unembedding rows (a model trained on a vocabulary
     shortlist, like the demo, copies one row to every rare id): one GEMV fingerprint per row."""
     probe = torch.randn(unembed.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    fp = (unembed.double().cpu() @ probe).numpy()
+    fp = np.concatenate([(unembed[i:i + 4096].double().cpu() @ probe).numpy()        # float64, 4096 rows at a time
+                         for i in range(0, unembed.shape[0], 4096)])
     _, first = np.unique(fp, return_index=True)
     return torch.from_numpy(np.sort(first))
 
@@ -449,11 +453,11 @@ def _model_parts(model, cards: dict[tuple[int, int], ExpertCard], n_logits: int,
     from .attribution import _weight
 
     tok = model.tokenizer
-    unembed = _weight(model.lm_head).float().cpu()                                     # [V, d]
+    unembed = _weight(model.lm_head)                                                   # [V, d], on its device
     gain = _weight(model.transformer.norm_f).float().cpu()
     eps = model.transformer.norm_f.eps
     distinct = _distinct_rows(unembed)
-    U = unembed[distinct] * gain                                                       # [V', d]
+    U = unembed[distinct.to(unembed.device)].float() * gain.to(unembed.device)         # [V', d]
 
     def strings(ids: list[int]) -> list[str]:
         return tok.token_strings(ids) if tok is not None else [str(i) for i in ids]
@@ -464,7 +468,7 @@ def _model_parts(model, cards: dict[tuple[int, int], ExpertCard], n_logits: int,
             continue
         prefixes = list(ctx["prefix_ids"])
         next_ids = ctx["next_id"].to_numpy()
-        effects, losses = [], {"base": [], "ablated": [], "kl": [], "index": []}
+        effect_sum, n_effect, losses = None, 0, {"base": [], "ablated": [], "kl": [], "index": []}
         for part in _buckets([len(p) for p in prefixes], batch_size):
             batch = [prefixes[i] for i in part]
             base = _last_column(model, batch, l)
@@ -476,7 +480,9 @@ def _model_parts(model, cards: dict[tuple[int, int], ExpertCard], n_logits: int,
                 c = (out * (w * slot)[..., None]).sum(1)[hit]                            # [b, d]
                 x = base[f"blocks.{model.config.n_layers - 1}.hook_resid_post"][hit]
                 s_ = (x.var(-1, unbiased=False, keepdim=True) + eps).rsqrt()
-                effects.append(((c - c.mean(-1, keepdim=True)) * s_) @ U.T)               # [b, V']
+                part_sum = (((c - c.mean(-1, keepdim=True)) * s_).to(U.device) @ U.T).sum(0).cpu()   # [V']
+                effect_sum = part_sum if effect_sum is None else effect_sum + part_sum
+                n_effect += int(hit.sum())
             if ablation is not None:
                 abl = _last_column(model, batch, l, [ExpertAblation(l, [e], ablation)])["logits"]
                 lp, lq = base["logits"].log_softmax(-1), abl.log_softmax(-1)
@@ -486,9 +492,9 @@ def _model_parts(model, cards: dict[tuple[int, int], ExpertCard], n_logits: int,
                         losses["base"].append(-float(lp[b, next_ids[i]]))
                         losses["ablated"].append(-float(lq[b, next_ids[i]]))
                         losses["index"].append(int(i))
-        if effects:
-            mean = torch.cat(effects).mean(0)
-            card.dla_positions = int(sum(x.shape[0] for x in effects))
+        if n_effect:
+            mean = effect_sum / n_effect
+            card.dla_positions = n_effect
             order = mean.argsort(descending=True)
             for attr, idx in (("promoted", order[:n_logits]), ("suppressed", order.flip(0)[:n_logits])):
                 ids = distinct[idx].tolist()
