@@ -582,3 +582,15 @@ def test_coalition_and_router_steer_on_the_demo_model(demo_model):
     with demo_model.intervene(RouterSteer(2, [8], mode="max")):
         _, trace = demo_model.generate_with_trace("The cache keeps", max_new_tokens=4)
     assert (trace.topk_experts[2] == 8).any(-1).all()
+
+
+def test_counterfactual_routing_in_row_chunks_gives_the_same_losses():
+    from dbrx_lab.analysis.counterfactual import counterfactual_routing
+
+    model = planted_model(carriers=(5,))
+    whole = counterfactual_routing(model, [Z, A, X, A], positions=[0], progress=False)
+    parts = counterfactual_routing(model, [Z, A, X, A], positions=[0], max_rows=500, progress=False)
+    assert parts.forwards == 1 + 2 * 4 and np.allclose(whole.losses, parts.losses, atol=1e-5)
+    assert list(parts.table["rank"]) == list(whole.table["rank"])
+    with pytest.raises(ValueError, match="max_rows must be None or an integer >= 1"):
+        counterfactual_routing(model, [Z, A], max_rows=0, progress=False)

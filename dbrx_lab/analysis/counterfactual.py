@@ -135,19 +135,25 @@ def _sets_label(s) -> str:
 
 @torch.no_grad()
 def counterfactual_routing(model, text, positions=None, layers=None, variant: str = "downstream",
-                           tol: float = 1e-5, progress: bool = True) -> CounterfactualRouting:
+                           tol: float = 1e-5, max_rows: int | None = None,
+                           progress: bool = True) -> CounterfactualRouting:
     """Score all C(E, k) expert sets at chosen (position, layer) pairs of one text (see the module doc).
 
     text: a string or token ids; positions: columns t that have a next token (default all, 0..T-2);
     layers: default all. Cost, variant "downstream": 1 forward + positions x layers single-token forwards
     of C(E, k) rows each (1820 for DBRX) plus their unembedding; "frozen": 1 forward + positions x layers
-    x E expert evaluations + the unembedding of C(E, k) rows. Interrupting (KeyboardInterrupt) returns the
+    x E expert evaluations + the unembedding of C(E, k) rows. On the full DBRX a (position, layer) is
+    ~1820 x (40 - layer) token-layers of compute (GPUs; or the frozen variant). max_rows: split the sets of
+    one (position, layer) into forwards of at most this many rows (memory: each row reads a copy of the
+    prefix keys/values); None keeps them in one batch, so the router's set shares its alternatives' kernels. Interrupting (KeyboardInterrupt) returns the
     (position, layer) pairs finished so far (losses of the rest are NaN).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    if max_rows is not None and (not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1):
+        raise ValueError(f"max_rows must be None or an integer >= 1, got {max_rows!r}")
     cfg = model.config
     ids = one_text(model, text, "text")
     T = ids.shape[1]
@@ -198,10 +204,13 @@ def counterfactual_routing(model, text, positions=None, layers=None, variant: st
                 for li, layer in enumerate(layers):
                     if variant == "downstream":
                         prefix = [_PrefixCache(c, t) for c in cache]
-                        with model.intervene(_SetRouting(layer, sets_dev)):
-                            h = final_hidden(model, ids[:, t:t + 1].to(dev).expand(n_sets, 1), cache=prefix,
-                                             start=t)[:, 0]
-                        forwards += 1
+                        parts = []
+                        for chunk in sets_dev.split(max_rows or n_sets):
+                            with model.intervene(_SetRouting(layer, chunk)):
+                                parts.append(final_hidden(model, ids[:, t:t + 1].to(dev).expand(len(chunk), 1),
+                                                          cache=prefix, start=t)[:, 0])
+                            forwards += 1
+                        h = torch.cat(parts)
                     else:
                         h = _frozen_hidden(model, kept, layer, t, sets_dev)
                     loss = unembed.loss(h, target).cpu().numpy()
