@@ -204,6 +204,17 @@ def test_known_paths_purity(known_paths):
     assert "36 of 48 tokens" in fig.layout.title.text
 
 
+def test_random_routing_gains_nothing():
+    """With routing independent of the labels, neither single experts nor path clusters beat shuffled labels."""
+    rng = np.random.default_rng(0)
+    L, N, k, E = 4, 4000, 4, 16
+    experts = np.argsort(rng.random((L, N, E)), -1)[..., :k]
+    routing = analysis.Routing(experts, np.full((L, N, k), 1 / k, np.float32), E, np.arange(L),
+                               {"text": np.zeros(N, int), "position": np.arange(N)})
+    pur = analysis.path_purity(analysis.routing_paths(routing, labels=rng.choice(["a", "b", "c"], N)))
+    assert (pur.set_index("grouping").drop("distinct paths")["gain"].abs() < 0.03).all()
+
+
 def test_token_classes():
     cases = {"foo": "word", " the": "word", "_x": "identifier", "snake_case": "identifier",
              "camelCase": "identifier", "x1": "identifier", " 12": "number", "3.14": "number", " def": "keyword",

@@ -319,6 +319,7 @@ def expert_cards(source, model=None, layers: Sequence[int] | None = None, expert
     return ExpertCards(_summary(cards), cards, meta)
 
 
+MIN_GROUP_COUNT = 5         # a card's top class / label needs this many of its tokens (else the best with any)
 PRIOR_OCCURRENCES = 4       # pseudo-occurrences at the random share k/E when ranking a card's top tokens
 
 
@@ -381,8 +382,11 @@ def _summary(cards: dict[tuple[int, int], ExpertCard]) -> pd.DataFrame:
     for (l, e), c in cards.items():
         s = c.stats
         top_token = c.tokens.iloc[0] if len(c.tokens) else None
-        cls, cls_lift, cls_count = _top_table(c.classes, "class", min_count=1)
-        lab, lab_lift = (None, np.nan) if c.labels is None else _top_table(c.labels, "label")[:2]
+        cls, cls_lift, cls_count = _top_table(c.classes, "class", min_count=MIN_GROUP_COUNT)
+        if cls is None:
+            cls, cls_lift, cls_count = _top_table(c.classes, "class")
+        lab, lab_lift = ((None, np.nan) if c.labels is None
+                         else _top_table(c.labels, "label", min_count=MIN_GROUP_COUNT)[:2])
         partner = c.partners.iloc[0] if len(c.partners) else None
         rows.append({
             "card": c.name, "layer": l, "expert": e, "count": s["count"], "share": s["share"],

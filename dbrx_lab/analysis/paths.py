@@ -31,6 +31,7 @@ __all__ = ["TOKEN_CLASSES", "token_class", "token_classes", "routing_paths", "pa
 
 TOKEN_CLASSES = ("identifier", "keyword", "number", "punctuation", "whitespace", "word")
 _KEYWORDS = frozenset(keyword.kwlist)
+EXACT_MEDOID = 2048       # clusters up to this many distinct paths get the exact Jaccard medoid (quadratic)
 _ESCAPES = {"\\n": "\n", "\\r": "\r", "\\t": "\t"}     # tokenizer.token_strings writes these escaped
 
 
@@ -112,6 +113,15 @@ def _labels_for(r: Routing, labels, offset: int) -> np.ndarray | None:
     return values[offset:offset + n]
 
 
+def _path_strings(masks: np.ndarray, n_experts: int) -> np.ndarray:
+    """[L, N] bitmasks -> N compact path strings, built once per distinct path."""
+    uniq, inv = np.unique(masks.T, axis=0, return_inverse=True)
+    sets: dict[int, str] = {}
+    text = ["|".join(sets.setdefault(m, ".".join(str(e) for e in range(n_experts) if m >> e & 1)) for m in row)
+            for row in uniq.tolist()]
+    return np.asarray(text, dtype=object)[inv.reshape(-1)]
+
+
 def routing_paths(source, labels="class", layers: Sequence[int] | None = None, rank: str = "topk") -> pd.DataFrame:
     """One row per real token: its path through `layers` (default all recorded layers).
 
@@ -139,8 +149,7 @@ def routing_paths(source, labels="class", layers: Sequence[int] | None = None, r
         lab = _labels_for(r, labels, offset)
         if lab is not None:
             data["label"] = lab
-        data["path"] = ["|".join(".".join(str(e) for e in range(r.n_experts) if m >> e & 1) for m in col)
-                        for col in masks.T.tolist()]
+        data["path"] = _path_strings(masks, r.n_experts)
         for li, layer in enumerate(chosen):
             data[f"set_L{layer}"] = masks[li]
         for li, layer in enumerate(chosen):
@@ -254,8 +263,12 @@ def cluster_paths(paths: pd.DataFrame, n_clusters: int | None = None, seed: int 
             members = np.flatnonzero(assign == c)
             if len(members) == 0:
                 continue
-            # medoid: the member with the largest token-weighted total similarity to the cluster
-            inner = _jaccard_to(x[members], sizes[members], x[members], sizes[members]) @ weight[members]
+            # medoid: the member with the largest token-weighted total similarity to the cluster (above
+            # EXACT_MEDOID members, the largest total overlap |A & B|, of which Jaccard is an increasing function)
+            if len(members) <= EXACT_MEDOID:
+                inner = _jaccard_to(x[members], sizes[members], x[members], sizes[members]) @ weight[members]
+            else:
+                inner = x[members] @ (x[members].T @ weight[members])
             new[c] = members[int(np.argmax(inner))]
         if np.array_equal(new, centers):
             break
