@@ -52,7 +52,7 @@ def _layer_expert_heatmap(df: pd.DataFrame, value: str, hover, colorbar: str, ma
 # --- 1. patching ---------------------------------------------------------------------------------
 def patching_heatmap(df: pd.DataFrame, value: str = "recovery") -> go.Figure:
     """Layer x expert heatmap of `expert_patching`: the recovery (or effect) when one unit is restored; open
-    circles mark units the clean run routed to at a patched position."""
+    circles mark units that only the clean run routed to at a patched position (restoring them adds them)."""
     _need(df, ["layer", "expert", value, "routed_clean", "routed_corrupt"], "patching_heatmap",
           "analysis.expert_patching")
     idx = df.set_index(["layer", "expert"])
@@ -64,7 +64,7 @@ def patching_heatmap(df: pd.DataFrame, value: str = "recovery") -> go.Figure:
         return (f"layer {l} · expert {e}<br>recovery {r.recovery:+.3f}<br>effect {r.effect:+.4f}"
                 f"<br>routed: clean {'yes' if r.routed_clean else 'no'}, corrupted {'yes' if r.routed_corrupt else 'no'}")
 
-    fig = _layer_expert_heatmap(df, value, hover, value, marks=df[df["routed_clean"]])
+    fig = _layer_expert_heatmap(df, value, hover, value, marks=df[df["routed_clean"] & ~df["routed_corrupt"]])
     a = df.attrs
     title = (f"Expert patching: {value} when one expert is restored from the clean run "
              f"({a.get('metric', 'metric')}: clean {a.get('clean_metric', np.nan):.3f}, "
@@ -122,11 +122,13 @@ def audit_figure(audit, mode: str = "zero", metric: str = "load", layer=None) ->
                         subplot_titles=(f"rank correlation with the {mode} ablation effect",
                                         f"{metric} vs effect ({'all layers' if layer is None else f'layer {layer}'})"))
     scopes = [str(s) for s in c["layer"].unique()]
+    metrics = list(dict.fromkeys(c["metric"]))
+    step = 0.7 / max(1, len(scopes))
     for j, scope in enumerate(scopes):
         g = c[c["layer"].astype(str) == scope]
-        y = [f"{m}" for m in g["metric"]]
+        y = [metrics.index(m) + (j - (len(scopes) - 1) / 2) * step for m in g["metric"]]   # a row per layer
         fig.add_trace(go.Scatter(
-            x=g["rho"], y=y, mode="markers", name=f"layer {scope}", offsetgroup=scope,
+            x=g["rho"], y=y, mode="markers", name="all layers" if scope == "all" else f"layer {scope}",
             error_x=dict(type="data", symmetric=False, array=g["rho_hi"] - g["rho"], arrayminus=g["rho"] - g["rho_lo"]),
             marker=dict(size=9, symbol=["circle" if s else "circle-open" for s in g["significant"]]),
             hovertext=[f"layer {scope} · {m}<br>rho {r:+.3f} [{lo:+.3f}, {hi:+.3f}]<br>p_adj {p:.3g}"
@@ -142,7 +144,8 @@ def audit_figure(audit, mode: str = "zero", metric: str = "load", layer=None) ->
                              hovertext=[f"layer {l} · expert {e}<br>{metric} {x:.4f}<br>Δ loss {y:+.4f}"
                                         for l, e, x, y in zip(ex["layer"], ex["expert"], ex[metric], ex[eff])],
                              hoverinfo="text"), 1, 2)
-    fig.update_xaxes(title="Spearman rho (95% CI)", range=[-1.05, 1.05], row=1, col=1)
+    fig.update_xaxes(title="Spearman rho (95% CI; filled: significant after BH)", range=[-1.05, 1.05], row=1, col=1)
+    fig.update_yaxes(tickmode="array", tickvals=list(range(len(metrics))), ticktext=metrics, row=1, col=1)
     fig.update_xaxes(title=metric, row=1, col=2)
     fig.update_yaxes(title=f"Δ loss when ablated ({mode}, nats/token)", row=1, col=2)
     return _finish(fig, f"Observational vs causal audit ({audit.sampling.get('text', '')})", height=480,
@@ -165,7 +168,7 @@ def regret_figure(result) -> go.Figure:
                                                                     g["regret"], g["rank"])],
                              hoverinfo="text"), 1, 1)
     fig.add_trace(go.Bar(x=[f"L{l}" for l in by["layer"]], y=by["optimal_share"], marker_color="#009E73",
-                         showlegend=False,
+                         showlegend=False, text=[f"{s:.0%}" for s in by["optimal_share"]], textposition="outside",
                          hovertext=[f"layer {l}: optimal at {s:.0%} of tokens<br>mean rank {r:.1f}"
                                     f"<br>mean gain vs a random set {g:+.3f} nats"
                                     for l, s, r, g in zip(by["layer"], by["optimal_share"], by["mean_rank"],

@@ -476,8 +476,9 @@ def test_causal_figures_draw_the_tables():
     fig = fc.patching_heatmap(patch)
     z = np.array(fig.data[0].z, dtype=float)
     assert z.shape == (2, 16) and z[0, 5] == pytest.approx(patch.recovery[5])
-    marked = set(zip(fig.data[1].y, fig.data[1].x))                                # circles: clean-routed units
-    assert marked == set(zip(patch.layer[patch.routed_clean], patch.expert[patch.routed_clean])) >= {(0, 5), (0, 9)}
+    marked = set(zip(fig.data[1].y, fig.data[1].x))                        # circles: units only the clean run routed
+    added = patch.routed_clean & ~patch.routed_corrupt
+    assert marked == set(zip(patch.layer[added], patch.expert[added])) >= {(0, 5), (0, 9)}
     assert "Expert patching" in fig.layout.title.text
     curve = fc.coalition_curve(an.expert_coalition(model, [A, X], [A, Y], A, B, progress=False))
     assert list(curve.data[0].text)[:1] == ["corrupted"] and len(curve.data[0].x) == 3
