@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .analysis.audit import OBSERVATIONAL
-from .figures import DIVERGING, _finish, expert_color
+from .figures import DIVERGING, _finish, expert_color, readable_token
 
 __all__ = ["patching_heatmap", "coalition_curve", "attribution_scatter", "audit_figure", "regret_figure",
            "set_losses", "contrastive_heatmap", "steering_figure"]
@@ -189,12 +189,15 @@ def set_losses(result, position: int, layer: int) -> go.Figure:
     losses = result.losses[result.positions.index(position), result.layers.index(layer)]
     row = result.table[(result.table["position"] == position) & (result.table["layer"] == layer)].iloc[0]
     fig = go.Figure(go.Histogram(x=losses, nbinsx=60, marker_color="#92C5DE", name="expert sets"))
-    for x, name, color in ((row.router_loss, f"router {row.router_set}", "#D55E00"),
-                           (row.best_loss, f"best {row.best_set}", "#009E73"), (row.mean_loss, "mean", "#555")):
-        fig.add_vline(x=x, line_color=color, line_width=2, annotation_text=name, annotation_position="top")
+    for x, name, color, where in ((row.router_loss, f"router {row.router_set}", "#D55E00", "top right"),
+                                  (row.best_loss, f"best {row.best_set}", "#009E73", "bottom right"),
+                                  (row.mean_loss, "mean", "#555", "top right")):
+        fig.add_vline(x=x, line_color=color, line_width=2, annotation_text=name, annotation_position=where,
+                      annotation_font_color=color)
     fig.update_xaxes(title="next-token loss (nats)")
     fig.update_yaxes(title="expert sets")
-    return _finish(fig, f"All {len(losses)} expert sets at position {position} ({row.token!r} -> {row.target!r}), "
+    token, target = readable_token(str(row.token)), readable_token(str(row.target))
+    return _finish(fig, f"All {len(losses)} expert sets at position {position} ({token} → {target}), "
                         f"layer {layer}: router ranks {int(row['rank'])}", height=400)
 
 
