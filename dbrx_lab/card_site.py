@@ -251,7 +251,8 @@ def _paths_section(paths_table: pd.DataFrame | None, purity: pd.DataFrame | None
 
     out = ['<h2>Routing paths</h2><p class="note">A path is the sequence of expert sets a token takes over the '
            "layers. Purity: share of tokens whose group's most common label is theirs; baseline: the same "
-           "groups with the labels shuffled.</p>"]
+           "groups with the labels shuffled. Single experts (one layer's top-1 expert) and path clusters "
+           "(k-medoids on the Jaccard distance of paths) make the same number of groups.</p>"]
     if purity is not None:
         cols = ["grouping", "groups", "purity", "baseline", "gain", "majority"]
         rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" if isinstance(r[c], str) else
@@ -385,10 +386,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     cards = expert_cards(stats, model, layers=_layers(args.layers), n_contexts=args.contexts,
                          ablation=None if args.ablation == "none" else args.ablation, progress=not args.no_progress)
-    paths = routing_paths(stats, labels=args.labels)
-    purity = path_purity(paths)
-    purity.attrs["labels"] = "token classes" if args.labels == "class" else f"the {args.labels!r} column"
-    info = write_card_site(cards, args.out, path_counts(paths), purity)
+    purity = path_purity(routing_paths(stats, labels=args.labels))
+    top1 = routing_paths(stats, labels=args.labels, rank="top1")      # top-1 paths repeat often enough to show
+    info = write_card_site(cards, args.out, path_counts(top1), purity)
     print(f"wrote {info['pages']} pages ({len(cards)} cards) to {info['out']}: {info['bytes'] / 1e6:.1f} MB, of which "
           f"plotly.js {info['plotly_bytes'] / 1e6:.1f} MB; {time.perf_counter() - start:.1f} s")
     return 0

@@ -761,7 +761,8 @@ def path_sankey(paths, n: int = 12) -> go.Figure:
     covered = int(top["count"].sum())
     legend = (" · colour: " + ", ".join(f'<span style="color:{_LABEL_COLORS[i % len(_LABEL_COLORS)]}">'
                                          f'{html.escape(s)}</span>' for i, s in enumerate(names))) if has_label else ""
-    return _finish(fig, f"The {len(top)} most frequent routing paths ({covered} of {tokens} tokens, "
+    kind = "top-1 expert paths" if counts.attrs.get("top_k") == 1 else "routing paths"
+    return _finish(fig, f"The {len(top)} most frequent {kind} ({covered} of {tokens} tokens, "
                         f"{covered / max(tokens, 1):.1%}){legend}",
                    height=max(360, 60 + 34 * max(top[c].nunique() for c in cols)),
                    width=min(1400, max(720, 260 * len(cols))))

@@ -35,7 +35,8 @@ def main() -> None:
     start = time.perf_counter()
     cards = analysis.expert_cards(work / "stats", model)
     paths = analysis.routing_paths(work / "stats", labels="class")
-    info = write_card_site(cards, work / "site", analysis.path_counts(paths), analysis.path_purity(paths))
+    top1 = analysis.routing_paths(work / "stats", labels="class", rank="top1")
+    info = write_card_site(cards, work / "site", analysis.path_counts(top1), analysis.path_purity(paths))
     print(f"cards and site: {time.perf_counter() - start:.1f} s, {info['bytes'] / 1e6:.1f} MB in {info['out']}")
     best = cards.summary[cards.summary["count"] >= 50].sort_values("class_lift", ascending=False).iloc[0]
     out = ROOT / "docs" / "img"

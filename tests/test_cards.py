@@ -199,6 +199,8 @@ def test_known_paths_purity(known_paths):
     # top-1 paths: experts 0|8, 0|12, 4|8, 4|12
     top1 = analysis.routing_paths(trace, labels=None, rank="top1")
     assert set(top1["path"]) == {"0|8", "0|12", "4|8", "4|12"} and "label" not in top1.columns
+    assert "most frequent top-1 expert paths" in dbrx_lab.figures.path_sankey(top1).layout.title.text
+    assert pur.attrs["labels"] == "the given labels"
     fig = dbrx_lab.figures.path_sankey(counts, n=3)
     assert fig.data[0].type == "sankey" and len(fig.data[0].node.label) == 4     # 2 sets per layer
     assert "36 of 48 tokens" in fig.layout.title.text

@@ -129,7 +129,7 @@ def routing_paths(source, labels="class", layers: Sequence[int] | None = None, r
     Columns: text, position, token_id, token (when the source has them), label (see the module doc; None
     leaves it out), path (compact text "1.5.7.9|0.2.3.4|..."), one bitmask column per layer named
     `set_L{layer}` (bit e: expert e in the path's set there) and the top-1 expert per layer, `top1_L{layer}`.
-    attrs: layers, n_experts, top_k.
+    attrs: layers, n_experts, top_k (1 with rank "top1"), labels (what they are, in words).
     """
     if rank not in ("topk", "top1"):
         raise ValueError(f"rank must be 'topk' or 'top1', got {rank!r}")
@@ -156,7 +156,7 @@ def routing_paths(source, labels="class", layers: Sequence[int] | None = None, r
             data[f"top1_L{layer}"] = r.experts[idx[li], :, 0]
         frames.append(pd.DataFrame(data))
         offset += r.n_tokens
-        meta = dict(layers=chosen, n_experts=r.n_experts, top_k=experts.shape[-1])
+        meta = dict(layers=chosen, n_experts=r.n_experts, top_k=experts.shape[-1], labels=_describe(labels))
     if not frames:
         raise ValueError("no tokens: the source has no routing chunks")
     if not isinstance(labels, (str, type(None))) and not callable(labels) and len(labels) != offset:
@@ -164,6 +164,15 @@ def routing_paths(source, labels="class", layers: Sequence[int] | None = None, r
     df = pd.concat(frames, ignore_index=True)
     df.attrs.update(meta)
     return df
+
+
+def _describe(labels) -> str | None:
+    """What the labels are, in words (kept in the tables' attrs for titles)."""
+    if labels is None:
+        return None
+    if isinstance(labels, str):
+        return "token classes" if labels == "class" else f"the {labels!r} column"
+    return "a function of the token" if callable(labels) else "the given labels"
 
 
 def _set_columns(paths: pd.DataFrame) -> list[str]:
@@ -339,4 +348,5 @@ def path_purity(paths: pd.DataFrame, n_clusters: int | None = None, seed: int = 
     add("distinct paths", pd.factorize(paths["path"])[0])
     out = pd.DataFrame(rows)
     out["majority"] = pd.Series(y).value_counts(normalize=True).iloc[0]
+    out.attrs["labels"] = paths.attrs.get("labels") or "labels"
     return out
