@@ -660,7 +660,7 @@ class _LayerCall:
         self.rt, self.mlp, self.x, self.experts, self.weights, self.observe = runtime, mlp, x, experts, weights, observe
 
     def __enter__(self):
-        self.host_acquired = []
+        self.host_acquired, self.guess, self.up_front = [], None, True
         try:
             return self._enter()
         except BaseException:
@@ -698,7 +698,8 @@ class _LayerCall:
         call = mlp._call
         call.null, call.extra, call.tmp = null, [], {}
         # all at once (misses in contiguous runs) when they fit beside what other threads pin; else on demand
-        call.slots = cache.acquire(layer, fetch) if len(fetch) <= cache.n_slots - len(cache.pinned) else {}
+        self.up_front = len(fetch) <= cache.n_slots - len(cache.pinned)
+        call.slots = cache.acquire(layer, fetch) if self.up_front else {}
         if on_cpu:                                     # computed where their weights are: the host cache
             got = rt.host.acquire(layer, list(on_cpu))
             for e in [e for e in on_cpu if e not in got]:    # the host cache cannot hold them all: fetch those
@@ -713,9 +714,11 @@ class _LayerCall:
         with cache.lock:
             cache._stats.add(layer, calls=1, needed=len(needed), hits=hits, prefetched_hits=pre,
                              misses=len(fetch) - hits - pre, cpu_computed=len(on_cpu), skipped=len(null))
-        if rt.prefetch_enabled and layer + 1 < len(rt.routers):
-            guess = rt.guess_next(layer, self.x)
-            cache.prefetch(layer + 1, guess)
+        # the next layer's guess, read while this layer computes; when this layer's experts come on demand
+        # (more than the cache holds) the guess is read after it, so it never takes the slots this layer needs
+        self.guess = rt.guess_next(layer, self.x) if rt.prefetch_enabled and layer + 1 < len(rt.routers) else None
+        if self.guess is not None and self.up_front:
+            cache.prefetch(layer + 1, self.guess)
         if mlp.hook_cache.fns:
             lut = torch.full((E,), SKIPPED, dtype=torch.int8)
             for e in needed:
@@ -731,6 +734,9 @@ class _LayerCall:
         rt, mlp, layer = self.rt, self.mlp, self.mlp.layer
         call = mlp._call
         rt.cache.release(layer, list(getattr(call, "slots", ())))
+        if not exc or exc[0] is None:
+            if getattr(self, "guess", None) is not None and not self.up_front:
+                rt.cache.prefetch(layer + 1, self.guess)
         if self.host_acquired:
             rt.host.release(layer, self.host_acquired)
         for name in ("slots", "null", "extra", "on_cpu", "tmp"):

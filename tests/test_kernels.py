@@ -425,3 +425,16 @@ def test_trace_metadata_names_the_greedy_screen(tiny_vocab_model):
     assert trace.metadata["kernels"].get("unembed") == ["int8-screen"], trace.metadata["kernels"]
     _, trace = tiny_vocab_model.run_with_trace(ids)
     assert "unembed" not in trace.metadata["kernels"]
+
+
+def test_scratch_buffers_survive_switching_inference_mode(two_threads):
+    """A CPU-kernel buffer made under inference_mode cannot be written outside it: each mode has its own."""
+    from dbrx_lab import load_model
+
+    model = load_model("tiny")
+    ids = torch.randint(0, 500, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a = model(ids).logits
+    with torch.no_grad():
+        b = model(ids).logits
+    assert torch.equal(a, b)

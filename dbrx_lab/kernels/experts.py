@@ -143,12 +143,13 @@ class Scratch(threading.local):
     only the CPU kernel uses it (accelerators have their own caching allocators)."""
 
     def __init__(self) -> None:
-        self.buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        self.buffers: dict[tuple[str, torch.dtype, torch.device, bool], torch.Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """An uninitialised contiguous tensor of `shape` with like's dtype and device; the same memory as
         the previous `get` of `name` for that dtype and device (whose contents it may hold)."""
-        n, key = math.prod(shape), (name, like.dtype, like.device)
+        # inference-mode tensors cannot be written outside inference mode: one set of buffers per mode
+        n, key = math.prod(shape), (name, like.dtype, like.device, torch.is_inference_mode_enabled())
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < n:
             buf = self.buffers[key] = like.new_empty(n)
