@@ -359,7 +359,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", default="class",
                         help='labels for path purity: "class" (token classes, default) or a per-token column '
                              'of the routing table, e.g. "label"')
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 for models under 100M parameters, whose many small "
+                             "forwards run several times slower with two threads on a shared CPU; else torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+SMALL_MODEL_PARAMS = 100_000_000
 
 
 def _layers(text: str | None) -> list[int] | None:
@@ -383,7 +389,13 @@ def run(args: argparse.Namespace) -> int:
     _read_meta(stats)
     _check_out(Path(args.out))                        # refuse a foreign folder before the slow part
     start = time.perf_counter()
+    if args.threads is not None and (not isinstance(args.threads, int) or args.threads < 1):
+        raise ValueError(f"--threads must be an integer >= 1, got {args.threads!r}")
     model = load_model(args.model)
+    if args.threads is not None or model.config.n_params < SMALL_MODEL_PARAMS:
+        import torch
+
+        torch.set_num_threads(args.threads or 1)
     cards = expert_cards(stats, model, layers=_layers(args.layers), n_contexts=args.contexts,
                          ablation=None if args.ablation == "none" else args.ablation, progress=not args.no_progress)
     purity = path_purity(routing_paths(stats, labels=args.labels))

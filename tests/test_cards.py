@@ -302,6 +302,9 @@ def test_cli_writes_the_site(planted, planted_stats, tmp_path, capsys, monkeypat
     assert cli.main(["cards", "--model", "x", "--stats", str(planted_stats), "--out", str(out), "--layers",
                      "a"]) == 2
     assert "--layers must be comma-separated integers" in capsys.readouterr().err
+    assert cli.main(["cards", "--model", "x", "--stats", str(planted_stats), "--out", str(out), "--threads",
+                     "0"]) == 2
+    assert "--threads must be an integer >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.browser
