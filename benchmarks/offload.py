@@ -127,6 +127,10 @@ class Cgroup:
             self.version = 2
 
     def run(self, args: list[str]) -> subprocess.CompletedProcess:
+        try:                                       # the peak of this run only
+            (self.path / ("memory.max_usage_in_bytes" if self.version == 1 else "memory.peak")).write_text("0")
+        except OSError:
+            pass
         procs = self.path / "cgroup.procs"
         cmd = ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *args]
         return subprocess.run(cmd, capture_output=True, text=True)
@@ -236,6 +240,8 @@ def main() -> int:
     ap.add_argument("--limit-gib", type=float, default=11.0, help="memory cgroup limit (page cache included)")
     ap.add_argument("--tokens", type=int, default=8, help="decode steps measured")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and offload folder")
+    ap.add_argument("--only", choices=["all", "offload"], default="all",
+                    help="offload: rerun only (b), taking (a) from benchmarks/offload_results.json")
     ap.add_argument("--child", choices=["accelerate", "offload"], help=argparse.SUPPRESS)
     ap.add_argument("--skew", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -261,16 +267,21 @@ def main() -> int:
     margin = int(1.5 * 2 ** 30)                  # activations, KV cache, torch and Python
     cache_bytes = limit - dense - margin
     results = []
+    if args.only == "offload":
+        previous = json.loads((HERE / "offload_results.json").read_text())["results"]
+        results = [r for r in previous if r["mode"] == "accelerate"]
     group = Cgroup("dbrx-lab-offload-bench", limit)
     try:
         for skew in (False, True):
-            for mode in ("accelerate", "offload"):
+            for mode in ("accelerate", "offload") if args.only == "all" else ("offload",):
                 drop_cache(ckpt, off) if off.exists() else drop_cache(ckpt)
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--ckpt", str(ckpt),
                        "--offload-folder", str(off), "--max-memory", str(limit - margin),
                        "--cache-bytes", str(cache_bytes), "--tokens", str(args.tokens)] + (["--skew"] if skew else [])
                 print(f"running ({'a' if mode == 'accelerate' else 'b'}) {mode}, routing "
                       f"{'skewed' if skew else 'near-uniform'} ...", flush=True)
+                run_bw = disk_bandwidth(ckpt) if mode == "offload" else bw    # the disk as it is now
+                drop_cache(ckpt)
                 proc = group.run(cmd)
                 line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
@@ -278,8 +289,9 @@ def main() -> int:
                     raise SystemExit(f"{mode} run failed (exit {proc.returncode}; -9 = killed by the cgroup)")
                 r = json.loads(line[len("RESULT "):])
                 r["peak_bytes"] = group.peak()
+                r["disk_bw"] = run_bw
                 results.append(r)
-                print(json.dumps(summarize(r, bw)), flush=True)
+                print(json.dumps(summarize(r, run_bw)), flush=True)
     finally:
         group.remove()
         if not args.keep:
@@ -290,15 +302,16 @@ def main() -> int:
 
 def write_report(results: list[dict], bw: float, size: int, limit: int, cache_bytes: int) -> None:
     lines = [f"Checkpoint {size / 1e9:.1f} GB (3 DBRX-width layers, bf16), memory cgroup limit {limit / 2 ** 30:.1f} GiB "
-             f"(page cache included), disk {bw / 1e9:.2f} GB/s sequential, 2 CPU threads; (b)'s cache "
-             f"{cache_bytes / 2 ** 30:.1f} GiB.", "",
+             f"(page cache included), 2 CPU threads; (b)'s cache "
+             f"{cache_bytes / 2 ** 30:.1f} GiB. disk GB/s: sequential 8 MiB reads measured just before the run "
+             f"(the IO bound uses it); peak: the cgroup's peak usage.", "",
              "| routing | | decode tok/s | vs (a) | prefill s | GB read / token | hit rate | prefetch recall | "
-             "IO bound s/token | decode / IO bound | tokens equal |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "IO bound s/token | decode / IO bound | tokens equal | disk GB/s | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for skew in (False, True):
         a = next(r for r in results if r["skew"] == skew and r["mode"] == "accelerate")
         b = next(r for r in results if r["skew"] == skew and r["mode"] == "offload")
-        sa, sb = summarize(a, bw), summarize(b, bw)
+        sa, sb = summarize(a, a.get("disk_bw", bw)), summarize(b, b.get("disk_bw", bw))
         same = a["tokens"] == b["tokens"]
         for name, r, s in (("(a) accelerate device_map='auto' + disk", a, sa), ("(b) experts='offload'", b, sb)):
             ratio = s["decode tok/s"] / sa["decode tok/s"]
@@ -306,7 +319,8 @@ def write_report(results: list[dict], bw: float, size: int, limit: int, cache_by
             lines.append(f"| {'skewed' if skew else 'near-uniform'} | {name} | {s['decode tok/s']:.3f} | "
                          f"{ratio:.1f}x | {s['prefill s']:.1f} | {s['GB read / token']:.2f} | {fmt('hit rate')} | "
                          f"{fmt('prefetch recall')} | {fmt('IO bound s/token')} | {fmt('decode / IO bound')} | "
-                         f"{'yes' if same else 'NO'} |")
+                         f"{'yes' if same else 'NO'} | {r.get('disk_bw', bw) / 1e9:.2f} | "
+                         f"{r.get('peak_bytes', -1) / 2 ** 30:.1f} |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     (HERE / "offload_results.md").write_text(text)

@@ -69,3 +69,7 @@ def describe_os_error(err: OSError) -> str:
     if code in _OS_HINTS and not where and err.strerror is None:
         what = f"{err} ({what})"
     return f"{where}: {what}" if where else what
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -146,6 +146,9 @@ def _load_folder(folder: Path, dtype, device, device_map, max_memory, offload_fo
     cfg.torch_dtype = dtype_name(dtype)
     with torch.device("meta"):
         model = DbrxLM(cfg)
+    if offload is not None:                         # its layout first: that error says what to do
+        from .offload import ExpertStore
+        offload["store"] = ExpertStore(found, cfg.n_layers, cfg.moe_num_experts, cfg.ffn_hidden_size, cfg.d_model)
     validate_checkpoint(model, found, folder)
     model.to(dtype)                                                  # meta: changes dtypes only
     if device_map is not None:
@@ -161,10 +164,10 @@ def _load_folder(folder: Path, dtype, device, device_map, max_memory, offload_fo
 
 def _load_offloaded(model: DbrxLM, found: dict, device: torch.device, dtype: torch.dtype, offload: dict) -> DbrxLM:
     """The dense part on `device`; each layer's ExpertGLU swapped for an OffloadedExperts of one runtime."""
-    from .offload import ExpertStore, OffloadedExperts, OffloadRuntime
+    from .offload import OffloadedExperts, OffloadRuntime
 
     cfg = model.config
-    store = ExpertStore(found, cfg.n_layers, cfg.moe_num_experts, cfg.ffn_hidden_size, cfg.d_model)
+    store = offload["store"]
     dense = {n: info for n, info in found.items() if ".ffn.experts.mlp." not in n}
     runtime = OffloadRuntime(model, store, offload["cache"], device, dtype, prefetch=offload["prefetch"],
                              compute=offload["compute"], host_cache_bytes=offload["host"])
@@ -175,7 +178,6 @@ def _load_offloaded(model: DbrxLM, found: dict, device: torch.device, dtype: tor
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     read_weights(model, dense)
-    runtime.routers = [block.ffn.router.layer for block in model.transformer.blocks]   # allocated now
     model.expert_runtime = runtime
     model.expert_cache = runtime.cache
     return model

@@ -638,8 +638,7 @@ class OffloadRuntime:
         self.cost = None
         if self.device.type == "cuda" and self.host is not None and compute == "auto":
             self.cost = CostModel.measure(self.device, dtype)
-        self.routers = [block.ffn.router.layer for block in model.transformer.blocks]
-        self.top_k = model.config.moe_top_k
+        self.moes = [block.ffn for block in model.transformer.blocks]
         self.inner = "auto"
 
     def layer_call(self, mlp: OffloadedExperts, x, experts, weights, observe: bool):
@@ -648,11 +647,15 @@ class OffloadRuntime:
         return _LayerCall(self, mlp, x, experts, weights, observe)
 
     def guess_next(self, layer: int, x: torch.Tensor) -> list[int]:
-        """The experts layer+1's router picks for this layer's input x [N, d] (speculative; no hooks run)."""
-        w = self.routers[layer + 1].weight
+        """The experts layer+1 would pick for this layer's input x [N, d] (speculative): its router's weight
+        applied to x (no module call: hooks and nnsight never see it), then that layer's routing with the
+        interventions of this context (`MoE.route`: a rerouting ablation or a router bias changes the guess
+        as it changes the choice); experts whose applied weight is 0 everywhere are left out."""
+        moe = self.moes[layer + 1]
+        w = moe.router.layer.weight
         logits = F.linear(x.to(w.dtype), w)                                   # [N, E]
-        picked = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices.unique()
-        return picked.tolist()
+        experts, weights = moe.route(logits)
+        return experts[weights != 0].unique().tolist()
 
 
 class _LayerCall:
@@ -716,7 +719,7 @@ class _LayerCall:
                              misses=len(fetch) - hits - pre, cpu_computed=len(on_cpu), skipped=len(null))
         # the next layer's guess, read while this layer computes; when this layer's experts come on demand
         # (more than the cache holds) the guess is read after it, so it never takes the slots this layer needs
-        self.guess = rt.guess_next(layer, self.x) if rt.prefetch_enabled and layer + 1 < len(rt.routers) else None
+        self.guess = rt.guess_next(layer, self.x) if rt.prefetch_enabled and layer + 1 < len(rt.moes) else None
         if self.guess is not None and self.up_front:
             cache.prefetch(layer + 1, self.guess)
         if mlp.hook_cache.fns:

@@ -355,3 +355,18 @@ def test_warm_from_a_trace_or_route_stats(resident, folder, tmp_path):
     assert len(cold.expert_cache.warm(out, limit=3)) == 3
     with pytest.raises(ValueError, match="layer, expert, count"):
         cold.expert_cache.warm(pd.DataFrame({"a": [1]}))
+
+
+def test_prefetch_guess_follows_the_interventions(resident, folder, monkeypatch):
+    """The guess for layer l+1 is that layer's routing with this context's interventions: experts rerouted
+    away are never prefetched."""
+    model = offloaded(folder, 48)
+    issued = []
+    real = model.expert_cache.prefetch
+    monkeypatch.setattr(model.expert_cache, "prefetch", lambda layer, experts: (issued.append((layer, experts)),
+                                                                               real(layer, experts))[1])
+    gone = list(range(8))
+    with model.intervene(ExpertAblation(1, gone, mode="reroute")):
+        model.generate(ids_of(resident), max_new_tokens=4)
+    guessed = {e for layer, experts in issued if layer == 1 for e in experts}
+    assert guessed and not guessed & set(gone)

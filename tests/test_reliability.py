@@ -513,3 +513,12 @@ def test_escape_special_keeps_message_content_as_text():
         tok.apply_chat_template(plain, tokenize=True)
     with pytest.raises(ValueError, match="escape_special=True needs tokenize=True"):
         tok.apply_chat_template(messages, escape_special=True)
+
+
+def test_cli_runs_as_a_module():
+    """`python -m dbrx_lab.cli` (notebook 05 runs it so) parses and runs, not an import that does nothing."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "dbrx_lab.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "route-stats" in out.stdout
