@@ -45,7 +45,7 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str | None = None
                max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
                seed: int = 0, max_batch_size: int = 1, max_seq_len: int | None = None,
                experts_impl: str = "auto", attn_impl: str = "auto", experts: str = "resident",
-               expert_cache: int | str | None = None, expert_prefetch: bool = True, expert_compute: str = "auto",
+               expert_cache: int | str | None = None, expert_prefetch: bool | str = True, expert_compute: str = "auto",
                expert_host_cache: int | str = 0) -> DbrxLM:
     """A DbrxLM in eval mode from a preset name or an HF-format checkpoint folder.
 
@@ -64,7 +64,9 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str | None = None
     experts: "resident" (every weight in memory) or "offload" (dbrx_lab.offload: the dense part on `device`,
         the experts read from the checkpoint's safetensors files as routed, into a cache of whole experts):
       expert_cache: the cache's size on `device` (bytes or "8GiB"); at least one expert.
-      expert_prefetch: speculatively read the next layer's experts (its router on this layer's input).
+      expert_prefetch: speculatively read the next layer's experts (its routing applied to this layer's
+          input): True ("adaptive": a layer's guess is read while at least half of its recent guesses were
+          needed, else only scored), "always", or False.
       expert_compute: with a GPU and a host cache, "auto" computes a miss on the CPU when the cost model
           says that is sooner than copying it (rounding may differ from the GPU's); "fetch" always copies
           (the resident model's exact results); "cpu" always computes misses on the CPU.
@@ -87,7 +89,9 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str | None = None
         if expert_compute not in ("auto", "fetch", "cpu"):
             raise ValueError(f"expert_compute must be 'auto', 'fetch' or 'cpu', got {expert_compute!r}")
         from .offload import parse_bytes
-        offload = dict(cache=parse_bytes(expert_cache, "expert_cache"), prefetch=bool(expert_prefetch),
+        if expert_prefetch not in (True, False, "adaptive", "always"):
+            raise ValueError(f"expert_prefetch must be True ('adaptive'), 'always' or False, got {expert_prefetch!r}")
+        offload = dict(cache=parse_bytes(expert_cache, "expert_cache"), prefetch=expert_prefetch,
                        compute=expert_compute, host=parse_bytes(expert_host_cache, "expert_host_cache"))
     elif expert_cache is not None:
         raise ValueError("expert_cache applies to experts='offload'")

@@ -163,6 +163,7 @@ def _advance(bufs: list[memoryview], skip: int) -> list[memoryview]:
 # fast tier
 class _Stats:
     FIELDS = ("calls", "needed", "hits", "misses", "prefetched_hits", "skipped", "cpu_computed", "transient_reads",
+              "guessed", "guessed_needed",
               "bytes_read",
               "prefetch_issued", "prefetch_used", "prefetch_wasted", "io_wait_s", "read_s")
 
@@ -218,6 +219,7 @@ class ExpertCache:
         df["hit_rate"] = ((df["hits"] + df["prefetched_hits"]) / looked.where(looked > 0)).astype(float)
         wanted = df["prefetched_hits"] + df["misses"] + df["cpu_computed"]
         df["prefetch_recall"] = (df["prefetched_hits"] / wanted.where(wanted > 0)).astype(float)
+        df["guess_precision"] = (df["guessed_needed"] / df["guessed"].where(df["guessed"] > 0)).astype(float)
         return df
 
     def reset_stats(self) -> None:
@@ -624,11 +626,19 @@ def _pair_view(s: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 class OffloadRuntime:
     """The caches, the routers used for prefetch guesses, and the per-call logic of the "offload" kernel."""
 
+    PREFETCH_PRECISION = 0.5        # adaptive prefetch reads a layer's guess only when at least this share of
+    PREFETCH_WARMUP = 16            # its recent guesses was needed (after this many guessed experts)
+    PREFETCH_DECAY = 0.9            # weight of the past in the running precision
+
     def __init__(self, model, store: ExpertStore, cache_bytes: int, device: torch.device, dtype: torch.dtype,
-                 prefetch: bool = True, compute: str = "auto", host_cache_bytes: int = 0) -> None:
+                 prefetch: bool | str = True, compute: str = "auto", host_cache_bytes: int = 0) -> None:
         if compute not in ("auto", "fetch", "cpu"):
             raise ValueError(f"expert_compute must be 'auto', 'fetch' or 'cpu', got {compute!r}")
-        self.store, self.device, self.dtype, self.prefetch_enabled = store, torch.device(device), dtype, prefetch
+        if prefetch not in (True, False, "adaptive", "always"):
+            raise ValueError(f"expert_prefetch must be True ('adaptive'), 'always' or False, got {prefetch!r}")
+        self.prefetch_mode = "adaptive" if prefetch is True else prefetch
+        self.store, self.device, self.dtype = store, torch.device(device), dtype
+        self.prefetch_enabled = prefetch is not False
         self.compute = compute
         self.host = None
         if host_cache_bytes:                           # (on a CPU only useful to test the two-tier path)
@@ -639,12 +649,37 @@ class OffloadRuntime:
         if self.device.type == "cuda" and self.host is not None and compute == "auto":
             self.cost = CostModel.measure(self.device, dtype)
         self.moes = [block.ffn for block in model.transformer.blocks]
+        L = len(self.moes)
+        self.guessed = [None] * L                      # per layer: the last guess made for it (a set)
+        self.precision = [[0.0, 0.0] for _ in range(L)]    # per layer: decayed (guessed and needed, guessed)
+        self.lock = threading.Lock()
         self.inner = "auto"
 
     def layer_call(self, mlp: OffloadedExperts, x, experts, weights, observe: bool):
         """Context for one experts call of layer `mlp.layer`: acquire the needed experts, prefetch the next
         layer's guess, emit `hook_cache`, release after."""
         return _LayerCall(self, mlp, x, experts, weights, observe)
+
+    def score_guess(self, layer: int, needed: list[int]) -> None:
+        """Count how much of the last guess for `layer` it needed (the running precision adaptive prefetch uses;
+        guesses are scored whether or not they were read)."""
+        with self.lock:
+            guess, self.guessed[layer] = self.guessed[layer], None
+            if not guess:
+                return
+            p = self.precision[layer]
+            p[0] = self.PREFETCH_DECAY * p[0] + len(guess & set(needed))
+            p[1] = self.PREFETCH_DECAY * p[1] + len(guess)
+            self.cache._stats.add(layer, guessed=len(guess), guessed_needed=len(guess & set(needed)))
+
+    def should_read(self, layer: int) -> bool:
+        """Whether to read the guess for `layer`: always ("always"), or while its recent guesses were needed
+        often enough ("adaptive"): on one disk a wrong guess takes bandwidth from the reads a step waits for."""
+        if self.prefetch_mode == "always":
+            return True
+        with self.lock:
+            hit, total = self.precision[layer]
+        return total < self.PREFETCH_WARMUP or hit >= self.PREFETCH_PRECISION * total
 
     def guess_next(self, layer: int, x: torch.Tensor) -> list[int]:
         """The experts layer+1 would pick for this layer's input x [N, d] (speculative): its router's weight
@@ -719,7 +754,14 @@ class _LayerCall:
                              misses=len(fetch) - hits - pre, cpu_computed=len(on_cpu), skipped=len(null))
         # the next layer's guess, read while this layer computes; when this layer's experts come on demand
         # (more than the cache holds) the guess is read after it, so it never takes the slots this layer needs
-        self.guess = rt.guess_next(layer, self.x) if rt.prefetch_enabled and layer + 1 < len(rt.moes) else None
+        rt.score_guess(layer, needed)
+        self.guess = None
+        if rt.prefetch_enabled and layer + 1 < len(rt.moes):
+            guess = rt.guess_next(layer, self.x)
+            with rt.lock:
+                rt.guessed[layer + 1] = set(guess)
+            if rt.should_read(layer + 1):
+                self.guess = guess
         if self.guess is not None and self.up_front:
             cache.prefetch(layer + 1, self.guess)
         if mlp.hook_cache.fns:

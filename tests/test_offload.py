@@ -370,3 +370,30 @@ def test_prefetch_guess_follows_the_interventions(resident, folder, monkeypatch)
         model.generate(ids_of(resident), max_new_tokens=4)
     guessed = {e for layer, experts in issued if layer == 1 for e in experts}
     assert guessed and not guessed & set(gone)
+
+
+def test_adaptive_prefetch_reads_only_guesses_that_pay(resident, folder):
+    """Every guess is scored against what the layer then needed; the adaptive policy reads a layer's guess
+    only while at least half of its recent guesses were needed ("always" reads every guess)."""
+    ids = ids_of(resident)
+    model = offloaded(folder, 48)
+    rt = model.expert_runtime
+    assert rt.prefetch_mode == "adaptive"
+    model.generate(ids, max_new_tokens=6)
+    s = model.expert_cache.stats()
+    assert s["guessed"].iloc[0] == 0 and (s["guessed"].iloc[1:] > 0).all()
+    assert ((s["guess_precision"].iloc[1:] >= 0) & (s["guess_precision"].iloc[1:] <= 1)).all()
+    rt.precision[2] = [1.0, 100.0]                       # layer 2's guesses were rarely needed: not read
+    rt.precision[1] = [90.0, 100.0]                      # layer 1's mostly were: read
+    assert not rt.should_read(2) and rt.should_read(1)
+    model.expert_cache.clear()
+    model.expert_cache.reset_stats()
+    rt.precision[2] = [1.0, 1000.0]
+    model(ids[:, :1])
+    assert model.expert_cache.stats().loc[2, "prefetch_issued"] == 0
+    always = offloaded(folder, 48, expert_prefetch="always")
+    always.expert_runtime.precision[2] = [1.0, 1000.0]
+    always(ids[:, :1])
+    assert always.expert_cache.stats().loc[2, "prefetch_issued"] > 0
+    with pytest.raises(ValueError, match="expert_prefetch"):
+        offloaded(folder, 2, expert_prefetch="sometimes")
