@@ -280,7 +280,16 @@ class ExpertCache:
         if self.free:
             return self.free.pop()
         for key, slot in self.where.items():
-            if not self.pinned[key] and key not in self.loading:
+            fut = self.loading.get(key)
+            if fut is not None:
+                if not fut.done():
+                    continue
+                del self.loading[key]                  # a read that landed (a prefetch nobody used, say)
+                if fut.exception() is not None:
+                    del self.where[key]
+                    self.from_prefetch.discard(key)
+                    return slot
+            if not self.pinned[key]:
                 del self.where[key]
                 if key in self.from_prefetch:
                     self.from_prefetch.discard(key)
@@ -295,9 +304,10 @@ class ExpertCache:
             return PREFETCHED if key in self.from_prefetch else HIT
         return MISS
 
-    def acquire(self, layer: int, experts: list[int]) -> dict[int, int]:
+    def acquire(self, layer: int, experts: list[int], wait: bool = True) -> dict[int, int]:
         """Pin experts of a layer (ascending), reading the misses in runs of adjacent experts (one read each);
-        returns {expert: slot} for those that fit (the rest: `acquire_one` when the kernel reaches them)."""
+        returns {expert: slot} for those that fit (the rest: `acquire_one` when the kernel reaches them).
+        wait=False returns while reads are in flight: `wait_for(layer, e)` before using a slot."""
         out, todo = {}, []
         with self.lock:
             for e in experts:
@@ -319,9 +329,15 @@ class ExpertCache:
                     todo.append(e)
         for run in _runs(todo):
             self._read(layer, run, [out[e] for e in run])
-        for e in out:
-            self._wait(layer, e)
+        if wait:
+            for e in out:
+                self._wait(layer, e)
         return out
+
+    def wait_for(self, layer: int, e: int) -> None:
+        """Block until expert e of the layer has landed in its slot (a read in flight, or nothing to wait for)."""
+        if (layer, e) in self.loading:
+            self._wait(layer, e)
 
     def acquire_one(self, layer: int, e: int) -> int | None:
         got = self.acquire(layer, [e])
@@ -536,6 +552,7 @@ class OffloadedExperts(nn.Module):
             slot = self._acquire(e)
             if slot is None:
                 return self._call.tmp[e]
+        self.runtime.cache.wait_for(self.layer, e)          # reads land while earlier experts compute
         return self.runtime.cache.weights(slot)
 
     def _acquire(self, e: int) -> int | None:
@@ -737,7 +754,7 @@ class _LayerCall:
         call.null, call.extra, call.tmp = null, [], {}
         # all at once (misses in contiguous runs) when they fit beside what other threads pin; else on demand
         self.up_front = len(fetch) <= cache.n_slots - len(cache.pinned)
-        call.slots = cache.acquire(layer, fetch) if self.up_front else {}
+        call.slots = cache.acquire(layer, fetch, wait=False) if self.up_front else {}
         if on_cpu:                                     # computed where their weights are: the host cache
             got = rt.host.acquire(layer, list(on_cpu))
             for e in [e for e in on_cpu if e not in got]:    # the host cache cannot hold them all: fetch those

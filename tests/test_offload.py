@@ -397,3 +397,17 @@ def test_adaptive_prefetch_reads_only_guesses_that_pay(resident, folder):
     assert always.expert_cache.stats().loc[2, "prefetch_issued"] > 0
     with pytest.raises(ValueError, match="expert_prefetch"):
         offloaded(folder, 2, expert_prefetch="sometimes")
+
+
+def test_unused_prefetches_never_block_slots(resident, folder):
+    """A prefetched expert nobody needed is evictable once its read landed (it used to stay "loading" until
+    someone waited for it, so unused guesses blocked their slots for good)."""
+    model = offloaded(folder, 2, expert_prefetch="always")
+    cache = model.expert_cache
+    assert cache.prefetch(0, [0, 1]) == 2
+    for fut in list(cache.loading.values()):
+        fut.result()
+    got = cache.acquire(1, [5])                            # both slots hold landed, unused prefetches
+    assert list(got) == [5] and (1, 5) in cache.cached()
+    cache.release(1, [5])
+    assert cache.stats().loc[0, "prefetch_wasted"] == 1 and not cache.pinned
