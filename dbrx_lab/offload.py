@@ -238,9 +238,7 @@ class ExpertCache:
         """Fill the cache with the experts used most often (MoE-Infinity's idea): `source` is a Trace, a
         route-stats folder, or an `analysis.expert_load` table (columns layer, expert, count). Reads them in
         order of use, up to the cache's size (or `limit` experts); returns the (layer, expert) pairs read."""
-        from . import analysis
-
-        load = source if hasattr(source, "columns") else analysis.expert_load(source)
+        load = _expert_counts(source)
         if not {"layer", "expert", "count"} <= set(load.columns):
             raise ValueError(f"warm() needs a Trace, a route-stats folder or an expert_load table with columns "
                              f"layer, expert, count; got columns {list(load.columns)}")
@@ -453,6 +451,28 @@ class ExpertCache:
                 stage = stage.pin_memory()
             self._staging[key] = stage
         return tuple(stage)
+
+
+def _expert_counts(source):
+    """(layer, expert, count) rows from a Trace (routed assignments of real tokens), a route-stats folder (its
+    expert_load table) or such a table itself; no model runs."""
+    import pandas as pd
+
+    if hasattr(source, "columns"):
+        return source
+    if hasattr(source, "topk_experts"):
+        if source.topk_experts is None:
+            raise ValueError("warm() needs a Trace recorded with Record(router=True)")
+        experts = source.topk_experts                                        # [L, B, T, k]
+        real = source.attention_mask.bool()[None, :, :, None].expand_as(experts)
+        rows = [(layer, int(e), int(n)) for layer in range(experts.shape[0])
+                for e, n in enumerate(torch.bincount(experts[layer][real[layer]].flatten()).tolist()) if n]
+        return pd.DataFrame(rows, columns=["layer", "expert", "count"])
+    table = os.path.join(os.fspath(source), "load.parquet")
+    if not os.path.isfile(table):
+        raise ValueError(f"warm() needs a Trace, an expert_load table or a route-stats folder; {os.fspath(source)!r} "
+                         f"has no load.parquet")
+    return pd.read_parquet(table)
 
 
 class _stream:

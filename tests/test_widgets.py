@@ -371,4 +371,5 @@ def test_figure_bundle_is_json_only(trace):
 def test_widgets_are_exported():
     import dbrx_lab.widgets as w
 
-    assert set(w.__all__) == {"RoutingExplorer", "AttentionExplorer", "ExpertUsageDashboard", "AblationLab"}
+    assert set(w.__all__) == {"RoutingExplorer", "AttentionExplorer", "ExpertUsageDashboard", "AblationLab",
+                              "CardBrowser"}
