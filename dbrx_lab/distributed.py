@@ -75,9 +75,20 @@ class Context:
         return int(self.store.add(self.prefix + key, n))
 
     def fail(self, message: str) -> None:
-        """Tell the other ranks to stop (they check `failed()` between batches)."""
+        """Tell the other ranks to stop (they check `failed()` between batches); never raises (the store may
+        have gone with rank 0)."""
         if self.store is not None:
-            self.store.set(self.prefix + "error", f"rank {self.rank}: {message}")
+            try:
+                self.store.set(self.prefix + "error", f"rank {self.rank}: {message}")
+            except Exception:      # noqa: BLE001
+                pass
+
+    def finished(self) -> None:
+        """This rank's work is over (done or failed): rank 0 stops waiting for it."""
+        try:
+            self.add("done", 1)
+        except Exception:          # noqa: BLE001 (the store went with rank 0: the final gather reports it)
+            pass
 
     def failed(self) -> str | None:
         if self.store is None or not self.store.check([self.prefix + "error"]):

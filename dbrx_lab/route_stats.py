@@ -27,6 +27,23 @@ Memory stays bounded: batches are written as row groups of the current part file
 computed one part at a time. Interrupted runs resume where the last committed part ended (the part being
 written is discarded); bad input stops the run with a message naming the line, after committing every
 text before it.
+
+Several processes (torch.distributed; `torchrun --nproc-per-node N -m dbrx_lab.cli route-stats ...`,
+`accelerate launch`, or srun starting torchrun on several nodes): each process holds one model replica
+(on the GPUs that LOCAL_RANK and --gpus-per-replica give it) and the folder --out must be shared by every
+rank (one file system, e.g. NFS or Lustre). Rank 0 checks the folder and plans the run before anything is
+sharded: it tokenizes the texts and cuts them into the parts one process writes (batches of batch_size
+consecutive texts; a part ends with the batch that brings it to part_tokens tokens), so the plan does not
+depend on N. Ranks take whole parts, balanced by tokens, and route them; a rank commits a part by renaming
+its parquet file into place and writing `routing/part-NNNNN.json` (texts, tokens, rows, sha256 of its
+texts) beside it; rank 0 moves those records into manifest.json in plan order, and when every part is in
+computes the aggregate tables from the parts in order. The folder then holds the same files, byte for
+byte, as a single process writes (summary.json and the logs aside), whatever N is. A rerun with any N
+resumes from every committed part. A rank that fails (bad input, an error) tells the others through the
+job's store; they stop after their current batch, and every rank reports the error (exit status 2).
+Collectives and waits for other ranks time out after --dist-timeout seconds (a killed rank: the others
+stop, committed parts are kept). One progress bar (rank 0, tokens of every rank); per-rank logs in
+`--log-dir` (default --out/logs/rank-NNNNN.log, appended).
 """
 from __future__ import annotations
 
@@ -515,6 +532,15 @@ def _assign(parts: list[_Part], pending: list[bool], world: int) -> list[int]:
     return owners
 
 
+def _peak_rss_mib() -> float:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # KiB on Linux
+    except (ImportError, OSError):
+        return float("nan")
+
+
 def _logger(ctx: distributed.Context, out: Path, log_dir) -> logging.Logger:
     log = logging.getLogger(f"dbrx_lab.route_stats.rank{ctx.rank}")
     log.setLevel(logging.INFO)
@@ -644,7 +670,7 @@ def _route_stats(ctx: distributed.Context, model, data: Path, out: Path, batch_s
             log.error("failed: %s", distributed._describe(err))
             if not isinstance(err, distributed.RankFailed):
                 ctx.fail(distributed._describe(err))
-        ctx.add("done", 1)
+        ctx.finished()
         try:
             if ctx.rank == 0:
                 ctx.wait_all_done(on_progress)
@@ -673,7 +699,8 @@ def _route_stats(ctx: distributed.Context, model, data: Path, out: Path, batch_s
         raise distributed.RankFailed(f"stopped because rank 0 failed: {setup['bad']}")
     seconds = time.perf_counter() - start
     new_tokens = sum(n for _, n in statuses)
-    log.info("routed %d new tokens in %.1f s", new_tokens, seconds)
+    log.info("routed %d new tokens in %.1f s (all ranks); peak RSS of this rank %.0f MiB", new_tokens, seconds,
+             _peak_rss_mib())
 
     # rank 0: the manifest is complete; the aggregate tables, in part order (as one process computes them)
     result = None

@@ -127,6 +127,7 @@ def test_killed_rank_resumes_with_another_number_of_processes(corpus, tmp_path, 
     assert 0 < manifest["texts_done"] < total
     records = list((out / "routing").glob("part-*.json"))                           # rank 1's committed parts
     assert records
+    (out / "routing" / "notes.txt").write_text("mine")                               # the user's file is kept
     calls = []
     original = rs._route_batch
 
@@ -144,6 +145,7 @@ def test_killed_rank_resumes_with_another_number_of_processes(corpus, tmp_path, 
     assert not committed & set(routed)                                               # rank 1's parts were kept
     assert len(routed) < total - manifest["texts_done"]
     assert files(out) == files(ref)                                                  # every row exactly once
+    assert (out / "routing" / "notes.txt").read_text() == "mine"
 
 
 def test_bad_line_and_failing_rank_stop_every_rank(corpus, tmp_path):
@@ -163,6 +165,14 @@ def test_bad_line_and_failing_rank_stop_every_rank(corpus, tmp_path):
     assert "boom" in r1.stderr and "stopped because rank 1 failed: text at line" in r0.stderr
     assert "Traceback" not in r0.stderr + r1.stderr
 
+    foreign = tmp_path / "foreign"                                                   # issue 18's folder rules
+    foreign.mkdir()
+    (foreign / "load.parquet").write_bytes(b"someone else's")
+    r0, r1 = launch(2, data, foreign)
+    assert (r0.returncode, r1.returncode) == (2, 2)
+    assert "never deletes or overwrites" in r0.stderr and "stopped because rank 0 failed" in r1.stderr
+    assert os.listdir(foreign) == ["load.parquet"] and (foreign / "load.parquet").read_bytes() == b"someone else's"
+
 
 def test_two_nodes_with_torchrun(corpus, tmp_path):
     """Two torchrun agents (--nnodes 2, a static rendezvous on localhost), one process each."""
@@ -179,3 +189,15 @@ def test_two_nodes_with_torchrun(corpus, tmp_path):
     assert [r[2] for r in results] == [0, 0], [r[1][-2000:] for r in results]
     assert files(out) == files(ref)
     assert (out / "logs" / "rank-00001.log").is_file()
+
+
+def test_replica_devices_from_local_rank(monkeypatch):
+    from dbrx_lab import distributed
+
+    assert distributed.replica_devices(3, 0) == []                                    # the CPU
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 8)
+    assert distributed.replica_devices(1, 4) == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match=r"local rank 2 .* needs GPUs 8..11, but 8 are visible: start at most 2"):
+        distributed.replica_devices(2, 4)
+    with pytest.raises(ValueError, match="dist_timeout must be > 0"):
+        distributed.context(0)
