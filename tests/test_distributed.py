@@ -147,6 +147,21 @@ def test_killed_rank_resumes_with_another_number_of_processes(corpus, tmp_path, 
     assert files(out) == files(ref)                                                  # every row exactly once
     assert (out / "routing" / "notes.txt").read_text() == "mine"
 
+    # the other way: one process interrupted, resumed by two
+    out = tmp_path / "out-1-2"
+
+    def interrupted(model, tok, items, *args):
+        if items[0].index >= 12:
+            raise KeyboardInterrupt
+        return original(model, tok, items, *args)
+
+    monkeypatch.setattr(rs, "_route_batch", interrupted)
+    assert cli.main(["route-stats", *ARGS, "--data", str(data), "--out", str(out), "--no-progress"]) == 130
+    assert 0 < json.loads((out / "manifest.json").read_text())["texts_done"] <= 12
+    r0, r1 = launch(2, data, out)
+    assert r0.returncode == 0 and r1.returncode == 0, (r0.stderr, r1.stderr)
+    assert files(out) == files(ref)
+
 
 def test_bad_line_and_failing_rank_stop_every_rank(corpus, tmp_path):
     data, ref = corpus
