@@ -618,7 +618,7 @@ def _route_stats(ctx: distributed.Context, model, data: Path, out: Path, batch_s
             manifest.merge(parts)
             pending = [part.stop > manifest.state["texts_done"] and manifest.record(part) is None for part in parts]
             setup = {"parts": parts, "owners": _assign(parts, pending, ctx.world), "run": os.urandom(8).hex(),
-                     "bad": None if bad is None else str(bad),
+                     "bad": None if bad is None else str(bad), "texts_done": manifest.state["texts_done"],
                      "tokens_done": manifest.state["tokens_done"] + sum(   # recorded, not yet in the manifest
                          p.tokens for p, todo in zip(parts, pending)
                          if not todo and p.stop > manifest.state["texts_done"])}
@@ -668,7 +668,10 @@ def _route_stats(ctx: distributed.Context, model, data: Path, out: Path, batch_s
         except Exception as err:       # noqa: BLE001 (the others are told to stop; raised below)
             error = err
             log.error("failed: %s", distributed._describe(err))
-            if not isinstance(err, distributed.RankFailed):
+            if ctx.distributed and isinstance(err, torch.distributed.DistError):   # the store (rank 0) is gone
+                error = distributed.RankFailed(f"lost contact with the other ranks ({err}); the committed parts "
+                                               f"are kept: rerun the same command to resume")
+            elif not isinstance(err, distributed.RankFailed):
                 ctx.fail(distributed._describe(err))
         ctx.finished()
         try:
@@ -680,7 +683,7 @@ def _route_stats(ctx: distributed.Context, model, data: Path, out: Path, batch_s
             if manifest is not None:
                 manifest.merge(parts)
             log.error("the other ranks did not finish: %s", err)
-            if error is not None:
+            if error is not None and not isinstance(error, distributed.RankFailed):
                 raise error
             raise distributed.RankFailed(f"the job stopped: {err}; the committed parts are kept: rerun the same "
                                          f"command (with any number of processes) to resume") from None
@@ -702,28 +705,21 @@ def _route_stats(ctx: distributed.Context, model, data: Path, out: Path, batch_s
     log.info("routed %d new tokens in %.1f s (all ranks); peak RSS of this rank %.0f MiB", new_tokens, seconds,
              _peak_rss_mib())
 
+    if ctx.rank != 0:                  # done: rank 0 writes the tables (no collective waits for that: at corpus
+        log.info("done")               # scale it may outlast --dist-timeout; the launcher waits for rank 0)
+        return RouteStatsResult(out, parts[-1].stop if parts else setup["texts_done"], total, new_tokens, seconds, {})
     # rank 0: the manifest is complete; the aggregate tables, in part order (as one process computes them)
-    result = None
-    if ctx.rank == 0:
-        try:
-            if manifest.state["texts_done"] != (parts[-1].stop if parts else manifest.state["texts_done"]):
-                raise RuntimeError(f"parts are missing after the run: texts done {manifest.state['texts_done']}")
-            tables = _aggregate(out, min_count, predictions)
-            state = manifest.state
-            _write_json(out / "summary.json", {"texts": state["texts_done"], "tokens": state["tokens_done"],
-                                               "parts": len(state["parts"]), "seconds_last_run": round(seconds, 3),
-                                               "tokens_last_run": new_tokens, "processes": ctx.world})
-            result = {"texts": state["texts_done"], "tokens": state["tokens_done"], "tables": tables}
-        except Exception as err:       # noqa: BLE001
-            error = err
-            result = {"error": distributed._describe(err)}
-    result = ctx.broadcast(result)
-    if error is not None:
-        raise error
-    if "error" in result:
-        raise distributed.RankFailed(f"stopped because rank 0 failed: {result['error']}")
-    log.info("done: %d texts, %d tokens", result["texts"], result["tokens"])
-    return RouteStatsResult(out, result["texts"], result["tokens"], new_tokens, seconds, result["tables"])
+    if manifest.state["texts_done"] != (parts[-1].stop if parts else manifest.state["texts_done"]):
+        raise RuntimeError(f"parts are missing after the run: texts done {manifest.state['texts_done']}")
+    t0 = time.perf_counter()
+    tables = _aggregate(out, min_count, predictions)
+    state = manifest.state
+    _write_json(out / "summary.json", {"texts": state["texts_done"], "tokens": state["tokens_done"],
+                                       "parts": len(state["parts"]), "seconds_last_run": round(seconds, 3),
+                                       "tokens_last_run": new_tokens, "processes": ctx.world})
+    log.info("done: %d texts, %d tokens; tables in %.1f s", state["texts_done"], state["tokens_done"],
+             time.perf_counter() - t0)
+    return RouteStatsResult(out, state["texts_done"], state["tokens_done"], new_tokens, seconds, tables)
 
 
 def _work(ctx: distributed.Context, model, tok, data: Path, split: str, limit: int, truncate: bool, batch_size: int,
