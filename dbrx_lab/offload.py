@@ -163,7 +163,7 @@ def _advance(bufs: list[memoryview], skip: int) -> list[memoryview]:
 # fast tier
 class _Stats:
     FIELDS = ("calls", "needed", "hits", "misses", "prefetched_hits", "skipped", "cpu_computed", "transient_reads",
-              "guessed", "guessed_needed",
+              "guessed", "guessed_needed", "prefetch_cancelled",
               "bytes_read",
               "prefetch_issued", "prefetch_used", "prefetch_wasted", "io_wait_s", "read_s")
 
@@ -283,7 +283,7 @@ class ExpertCache:
                 if not fut.done():
                     continue
                 del self.loading[key]                  # a read that landed (a prefetch nobody used, say)
-                if fut.exception() is not None:
+                if fut.cancelled() or fut.exception() is not None:
                     del self.where[key]
                     self.from_prefetch.discard(key)
                     return slot
@@ -367,10 +367,25 @@ class ExpertCache:
                 slots.append(slot)
             if todo:
                 self._stats.add(layer, prefetch_issued=len(todo))
-        slot_of = dict(zip(todo, slots))
-        for run in _runs(todo):
-            self._read(layer, run, [slot_of[e] for e in run])
+        for e, slot in zip(todo, slots):                  # one read each: a wrong guess not yet started is
+            self._read(layer, [e], [slot])                # cancelled when its layer comes (`cancel_unneeded`)
         return len(todo)
+
+    def cancel_unneeded(self, layer: int, needed) -> int:
+        """Cancel prefetches for `layer` that it turned out not to need and whose read has not started (they
+        would delay the reads it waits for); their slots are freed. Returns how many were cancelled."""
+        n = 0
+        with self.lock:
+            for key in [k for k in self.from_prefetch if k[0] == layer and k[1] not in needed]:
+                fut = self.loading.get(key)
+                if fut is not None and fut.cancel():
+                    del self.loading[key]
+                    self.from_prefetch.discard(key)
+                    self.free.append(self.where.pop(key))
+                    n += 1
+            if n:
+                self._stats.add(layer, prefetch_cancelled=n)
+        return n
 
     def read_transient(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Expert e read into new tensors outside the cache (every slot pinned: a cache of one expert)."""
@@ -792,6 +807,7 @@ class _LayerCall:
         # the next layer's guess, read while this layer computes; when this layer's experts come on demand
         # (more than the cache holds) the guess is read after it, so it never takes the slots this layer needs
         rt.score_guess(layer, needed)
+        cache.cancel_unneeded(layer, set(needed))
         self.guess = None
         if rt.prefetch_enabled and layer + 1 < len(rt.moes):
             guess = rt.guess_next(layer, self.x)

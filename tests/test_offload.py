@@ -411,3 +411,19 @@ def test_unused_prefetches_never_block_slots(resident, folder):
     assert list(got) == [5] and (1, 5) in cache.cached()
     cache.release(1, [5])
     assert cache.stats().loc[0, "prefetch_wasted"] == 1 and not cache.pinned
+
+
+def test_wrong_guesses_not_yet_read_are_cancelled(resident, folder):
+    """When a layer comes, prefetches it does not need and that have not started are cancelled (they would
+    delay the reads it waits for) and their slots freed; the ones it needs are kept."""
+    import time
+
+    model = offloaded(folder, 8)
+    cache = model.expert_cache
+    cache.pool.submit(time.sleep, 0.5)                     # the IO thread is busy: the prefetches queue
+    assert cache.prefetch(1, [0, 1, 2]) == 3
+    assert cache.cancel_unneeded(1, {1}) == 2
+    assert (1, 1) in cache.loading and (1, 0) not in cache.where and len(cache.free) == 8 - 1
+    assert cache.acquire(1, [1]) and (1, 1) in cache.cached()
+    cache.release(1, [1])
+    assert cache.stats().loc[1, "prefetch_cancelled"] == 2
