@@ -610,11 +610,12 @@ def _route_stats(ctx: distributed.Context, model, data: Path, out: Path, batch_s
                                  f"over with --overwrite (resume=False)")
             parts, bad = _plan(texts, tok, limit, truncate, batch_size, part_tokens, done,
                                len(manifest.state["parts"]), hasher, data, cfg.max_seq_len)
-            for part in parts:         # records of parts that do not match the plan: stale, ours, removed
-                side = manifest.parts_dir / (part.file[:-len(".parquet")] + ".json")
-                if side.exists() and manifest.record(part) is None:
+            planned = {part.file: part for part in parts}
+            for side in sorted(manifest.parts_dir.glob("part-*.json")):   # records that do not match the plan
+                part = planned.get(side.with_suffix(".parquet").name)       # (stale, ours) go, with their parts
+                if PART_NAME.fullmatch(side.name) and (part is None or manifest.record(part) is None):
                     side.unlink()
-                    (manifest.parts_dir / part.file).unlink(missing_ok=True)
+                    side.with_suffix(".parquet").unlink(missing_ok=True)
             manifest.merge(parts)
             pending = [part.stop > manifest.state["texts_done"] and manifest.record(part) is None for part in parts]
             setup = {"parts": parts, "owners": _assign(parts, pending, ctx.world), "run": os.urandom(8).hex(),
