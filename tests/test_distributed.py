@@ -216,3 +216,13 @@ def test_replica_devices_from_local_rank(monkeypatch):
         distributed.replica_devices(2, 4)
     with pytest.raises(ValueError, match="dist_timeout must be > 0"):
         distributed.context(0)
+
+
+def test_parts_are_balanced_by_tokens():
+    parts = [rs._Part(i, i, i + 1, t, "", "") for i, t in enumerate([50, 10, 10, 10, 40, 5, 5, 30, 20, 20])]
+    for world in (1, 2, 3):
+        owners = rs._assign(parts, [True] * len(parts), world)
+        load = [sum(p.tokens for p, o in zip(parts, owners) if o == r) for r in range(world)]
+        assert sorted(set(owners)) == list(range(world)) and max(load) - min(load) <= max(p.tokens for p in parts)
+    owners = rs._assign(parts, [i % 2 == 0 for i in range(len(parts))], 2)          # committed parts: no owner
+    assert [o for i, o in enumerate(owners) if i % 2] == [-1] * 5 and set(owners[::2]) == {0, 1}
