@@ -290,13 +290,17 @@ class _Manifest:
             return None
         return rec if ok else None
 
-    def merge(self, parts: list["_Part"]) -> int:
-        """Move the committed parts that continue the manifest's texts into it (plan order) -> parts moved."""
+    def merge(self, parts: list["_Part"], known: dict[str, int] | None = None) -> int:
+        """Move the committed parts that continue the manifest's texts into it (plan order) -> parts moved.
+        known: {file: rows} of parts the ranks reported committed in this run (through the final gather): used
+        when a record is not visible yet (a shared file system may cache a file's absence for a while)."""
         moved = []
         for part in parts:
             if part.stop <= self.state["texts_done"]:
                 continue
             rec = self.record(part) if part.start == self.state["texts_done"] else None
+            if rec is None and part.start == self.state["texts_done"] and part.file in (known or {}):
+                rec = {"rows": known[part.file]}
             if rec is None:
                 break
             self.state["parts"].append({"file": part.file, "texts": [part.start, part.stop],
@@ -643,14 +647,17 @@ def _route_stats(ctx: distributed.Context, model, data: Path, out: Path, batch_s
                disable=not progress or ctx.rank != 0, unit_scale=True)
     last_merge = [time.monotonic()]
 
-    def on_progress(force: bool = False) -> None:
+    committed_here: dict[str, int] = {}
+
+    def on_progress(force: bool = False, known: dict[str, int] | None = None) -> None:
         bar.update(setup["tokens_done"] + ctx.add("tokens", 0) - bar.n)
         if manifest is not None and (force or (ctx.distributed and time.monotonic() - last_merge[0] > 2)):
-            manifest.merge(parts)
+            manifest.merge(parts, known)
             last_merge[0] = time.monotonic()
 
     def commit(part: _Part, rows: int) -> None:
         """A part is in place: into the manifest when it continues it (rank 0), else a record beside it."""
+        committed_here[part.file] = rows
         if manifest is not None and part.start == manifest.state["texts_done"]:
             manifest.commit(part, rows)
             manifest.merge(parts)
@@ -679,7 +686,7 @@ def _route_stats(ctx: distributed.Context, model, data: Path, out: Path, batch_s
             if ctx.rank == 0:
                 ctx.wait_all_done(on_progress)
             statuses = ctx.gather((None if error is None or isinstance(error, distributed.RankFailed)
-                                   else distributed._describe(error), new_tokens))
+                                   else distributed._describe(error), new_tokens, committed_here))
         except Exception as err:       # noqa: BLE001 (a rank died or hangs: keep what was committed)
             if manifest is not None:
                 manifest.merge(parts)
@@ -689,12 +696,12 @@ def _route_stats(ctx: distributed.Context, model, data: Path, out: Path, batch_s
             raise distributed.RankFailed(f"the job stopped: {err}; the committed parts are kept: rerun the same "
                                          f"command (with any number of processes) to resume") from None
         if manifest is not None:
-            on_progress(force=True)
+            on_progress(force=True, known={f: n for *_, done in statuses for f, n in done.items()})
     finally:
         bar.close()
     if error is not None and not isinstance(error, distributed.RankFailed):
         raise error
-    for rank, (message, _) in enumerate(statuses):
+    for rank, (message, *_) in enumerate(statuses):
         if message is not None:
             raise distributed.RankFailed(f"stopped because rank {rank} failed: {message}")
     if bad is not None:
@@ -702,7 +709,7 @@ def _route_stats(ctx: distributed.Context, model, data: Path, out: Path, batch_s
     if setup["bad"] is not None:
         raise distributed.RankFailed(f"stopped because rank 0 failed: {setup['bad']}")
     seconds = time.perf_counter() - start
-    new_tokens = sum(n for _, n in statuses)
+    new_tokens = sum(n for _, n, _ in statuses)
     log.info("routed %d new tokens in %.1f s (all ranks); peak RSS of this rank %.0f MiB", new_tokens, seconds,
              _peak_rss_mib())
 

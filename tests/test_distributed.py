@@ -226,3 +226,21 @@ def test_parts_are_balanced_by_tokens():
         assert sorted(set(owners)) == list(range(world)) and max(load) - min(load) <= max(p.tokens for p in parts)
     owners = rs._assign(parts, [i % 2 == 0 for i in range(len(parts))], 2)          # committed parts: no owner
     assert [o for i, o in enumerate(owners) if i % 2] == [-1] * 5 and set(owners[::2]) == {0, 1}
+
+
+def test_manifest_merges_records_in_plan_order(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = rs._Manifest(out, {"s": 1}, resume=True)
+    parts = [rs._Part(i, 3 * i, 3 * i + 3, 10 + i, f"sha{i}", f"after{i}") for i in range(3)]
+    for part in parts[1:]:                                      # parts 1 and 2 committed by other ranks
+        (out / "routing" / part.file).write_bytes(b"")
+        rs._write_json(out / "routing" / (part.file[:-8] + ".json"),
+                       {"texts": [part.start, part.stop], "tokens": part.tokens, "rows": 7, "sha256": part.sha})
+    assert manifest.merge(parts) == 0                           # part 0 is missing: nothing moves
+    (out / "routing" / parts[0].file).write_bytes(b"")
+    assert manifest.merge(parts, known={parts[0].file: 5}) == 3  # its record is not visible yet: the gather's word
+    state = json.loads((out / "manifest.json").read_text())
+    assert [p["file"] for p in state["parts"]] == [p.file for p in parts] and [p["rows"] for p in state["parts"]] == [5, 7, 7]
+    assert state["texts_done"] == 9 and state["tokens_done"] == 33 and state["texts_sha256"] == "after2"
+    assert not list((out / "routing").glob("*.json"))
