@@ -241,6 +241,7 @@ def test_manifest_merges_records_in_plan_order(tmp_path):
     (out / "routing" / parts[0].file).write_bytes(b"")
     assert manifest.merge(parts, known={parts[0].file: 5}) == 3  # its record is not visible yet: the gather's word
     state = json.loads((out / "manifest.json").read_text())
-    assert [p["file"] for p in state["parts"]] == [p.file for p in parts] and [p["rows"] for p in state["parts"]] == [5, 7, 7]
+    assert [p["file"] for p in state["parts"]] == [p.file for p in parts]
+    assert [p["rows"] for p in state["parts"]] == [5, 7, 7]
     assert state["texts_done"] == 9 and state["tokens_done"] == 33 and state["texts_sha256"] == "after2"
     assert not list((out / "routing").glob("*.json"))
