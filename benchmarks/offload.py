@@ -319,7 +319,8 @@ def write_report(results: list[dict], bw: float, size: int, limit: int, cache_by
             lines.append(f"| {'skewed' if skew else 'near-uniform'} | {name} | {s['decode tok/s']:.3f} | "
                          f"{ratio:.1f}x | {s['prefill s']:.1f} | {s['GB read / token']:.2f} | {fmt('hit rate')} | "
                          f"{fmt('prefetch recall')} | {fmt('IO bound s/token')} | {fmt('decode / IO bound')} | "
-                         f"{'yes' if same else 'NO'} | {r.get('disk_bw', bw) / 1e9:.2f} | "
+                         f"{'yes' if same else 'NO'} | "
+                         f"{(format(r['disk_bw'] / 1e9, '.2f') if 'disk_bw' in r and r['mode'] == 'offload' else '-')} | "
                          f"{r.get('peak_bytes', -1) / 2 ** 30:.1f} |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
