@@ -206,6 +206,24 @@ def test_two_nodes_with_torchrun(corpus, tmp_path):
     assert (out / "logs" / "rank-00001.log").is_file()
 
 
+def test_accelerate_launch(corpus, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (accelerate's torchrun path; without a GPU the ranks
+    run on the CPU with gloo) gives the single-process folder too."""
+    data, ref = corpus
+    out = tmp_path / "out"
+    launcher = Path(sys.executable).with_name("accelerate")
+    if not launcher.is_file():
+        pytest.skip("accelerate's launcher is not installed beside this python")
+    proc = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                           str(free_port()), "-m", "dbrx_lab.cli", "route-stats", *ARGS, "--data", str(data),
+                           "--out", str(out), "--no-progress"],
+                          cwd=ROOT, env=env(), text=True, capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert files(out) == files(ref)
+    assert json.loads((out / "summary.json").read_text())["processes"] == 2
+
+
 def test_replica_devices_from_local_rank(monkeypatch):
     from dbrx_lab import distributed
 
