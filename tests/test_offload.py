@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from dbrx_lab import ExpertAblation, ExpertForce, Record, TopK, load_model, save_pretrained
-from dbrx_lab.loading import DEMO_DIR
 from dbrx_lab.offload import HIT, MISS, PREFETCHED, SKIPPED, parse_bytes
 
 PROMPT = "def add(a, b):\n    return a + b"

@@ -114,7 +114,7 @@ def _glu_rows(x, w1, v1, w2):
 def grouped_experts(mlp, x, experts, weights, observe=False):
     """One GLU per expert over its rows (gathered once, sorted by expert); a fixed-order combine."""
     N, k = experts.shape
-    E, d = mlp.n_experts, x.shape[1]
+    E = mlp.n_experts
     flat, order, token_of = _sorted_rows(x, experts)
     counts = torch.bincount(flat, minlength=E).tolist()                         # the one host sync per layer
     xs = x.index_select(0, token_of)                                            # [N*k, d]
