@@ -14,8 +14,10 @@ so a run never depends on the OS caching the file. With a GPU, a second `ExpertC
 GPU or computed on the CPU where its weights are (Fiddler), as `CostModel` says is sooner.
 
 The runtime is the experts kernel "offload" (`kernels.EXPERTS`): it fetches the layer's needed experts (misses
-in contiguous reads), issues a speculative prefetch of the next layer's experts (that layer's router applied
-to this layer's input, as mixtral-offloading) on a background IO thread, and runs the same inner kernel the
+in contiguous reads, each waited for when the kernel reaches it), issues a speculative prefetch of the next
+layer's experts (that layer's routing applied to this layer's input, as mixtral-offloading; read only while
+at least half of that layer's recent guesses were needed, and cancelled if not started when the layer comes
+without needing them) on a background IO thread, and runs the same inner kernel the
 resident model would ("cpu" or "grouped") on the cached weights, so hooks, traces and interventions see the
 same tensors and the logits are bit for bit the resident model's. Experts whose applied weight is 0 for every
 row (ablated with mode "zero" or "renormalize") are not fetched unless their outputs are observed.
