@@ -111,6 +111,11 @@ class Intervention:
     site = "ffn"
     needs_every_token = False       # True: a pruned prefill must still run its layers for every prompt token
 
+    @property
+    def removes_experts(self) -> bool:
+        """Whether this edit takes `self.experts` out of the router's choice (checked: top-k must stay possible)."""
+        return False
+
     def __init__(self, layer: LayerSpec = "all", positions: IntSpec | None = None) -> None:
         self.layer = _ints("layer", layer, allow_all=True)
         self.positions = _positions(positions)
@@ -216,6 +221,10 @@ class ExpertAblation(Intervention):
     def attach(self, cfg: DbrxConfig) -> None:
         super().attach(cfg)
         _in_range("experts", self.experts, cfg.moe_num_experts, "experts")
+
+    @property
+    def removes_experts(self) -> bool:
+        return self.mode == "reroute"
 
     def edit_logits(self, logits, layer, ctx):
         if self.mode != "reroute":
@@ -500,7 +509,7 @@ def _check_layer(edits: list, cfg: DbrxConfig, layer: int) -> None:
     k = cfg.moe_top_k
     for edit in edits:
         k = edit.edit_top_k(k, layer)
-    rerouted = [e for e in edits if isinstance(e, ExpertAblation) and e.mode == "reroute"]
+    rerouted = [e for e in edits if e.removes_experts]      # ExpertAblation "reroute", RouterSteer "forbid"
     gone = set().union(*(e.experts for e in rerouted)) if rerouted else set()
     if cfg.moe_num_experts - len(gone) < k:
         raise ValueError(f"layer {layer}: rerouting experts {sorted(gone)} leaves "

@@ -49,6 +49,10 @@ class RouterSteer(Intervention):
                              f", fewer than top_k={cfg.moe_top_k}: forbid at most "
                              f"{cfg.moe_num_experts - cfg.moe_top_k}")
 
+    @property
+    def removes_experts(self) -> bool:
+        return self.mode == "forbid"
+
     def edit_logits(self, logits, layer, ctx):
         cols = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         cols[list(self.experts)] = True

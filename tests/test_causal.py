@@ -595,3 +595,19 @@ def test_counterfactual_routing_in_row_chunks_gives_the_same_losses():
     assert list(parts.table["rank"]) == list(whole.table["rank"])
     with pytest.raises(ValueError, match="max_rows must be None or an integer >= 1"):
         counterfactual_routing(model, [Z, A], max_rows=0, progress=False)
+
+
+def test_router_steer_forbid_counts_as_removing_experts():
+    """RouterSteer("forbid") with a rerouting ablation leaving fewer than top-k experts is refused on entry,
+    as two rerouting ablations are (nothing stays attached)."""
+    from dbrx_lab import ExpertAblation, RouterSteer, load_model
+
+    model = load_model("tiny")
+    E, k = model.config.moe_num_experts, model.config.moe_top_k
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="fewer than top_k"):
+        with model.intervene(RouterSteer(0, list(range(E - k)), mode="forbid"), ExpertAblation(0, [E - 1])):
+            model(ids)
+    assert model.active_interventions() == []
+    with model.intervene(RouterSteer(0, list(range(E - k)), mode="forbid")):     # exactly k left: fine
+        model(ids)
