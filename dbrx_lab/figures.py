@@ -72,6 +72,12 @@ def readable_token(token: str, max_len: int = 16) -> str:
     return s if len(s) <= max_len else s[:max_len - 1] + "…"
 
 
+def plotly_text(text: str) -> str:
+    """`text` escaped once for plotly's label markup: only &, < and > (plotly decodes &amp; &lt; &gt; but
+    not &quot; or &#x27;, so html.escape's quoting would show a \"\"\" token as &quot;&quot;&quot;)."""
+    return html.escape(str(text), quote=False)
+
+
 def _expert_colorscale(n_experts: int) -> list[list]:
     """Step colourscale for z = expert id with zmin = -0.5, zmax = E - 0.5."""
     scale = []
@@ -115,7 +121,7 @@ def _token_axis(positions: Sequence[int], tokens: Sequence[str], title: str, gen
     step = max(1, math.ceil(len(positions) / MAX_TICKS))
     text = []
     for p, t in zip(positions[::step], tokens[::step]):
-        label = html.escape(readable_token(t))
+        label = plotly_text(readable_token(t))
         generated = generated_from is not None and p >= generated_from
         text.append(f'<span style="color:#888"><i>{label}</i></span>' if generated else label)
     return dict(title=title, tickmode="array", tickvals=list(positions[::step]), ticktext=text,
@@ -240,7 +246,7 @@ def _routing_hover(trace, batch: int, positions: np.ndarray) -> list[list[str]]:
         for i, p in enumerate(positions):
             chosen = " ".join(f"e{e}:{w:.2f}" for e, w in zip(experts[l, i], weights[l, i]) if e >= 0)
             m = "n/a (no router logits)" if np.isnan(margin[l, i]) else f"{margin[l, i]:.3f}"
-            row.append(f"<b>{html.escape(readable_token(tokens[p], 40))}</b> · position {p} · layer {l}"
+            row.append(f"<b>{plotly_text(readable_token(tokens[p], 40))}</b> · position {p} · layer {l}"
                        f"<br>top-{experts.shape[-1]}: {chosen}<br>margin p(k)−p(k+1): {m}")
         out.append(row)
     return out
@@ -395,7 +401,7 @@ def _position_labels(trace, batch: int, positions: np.ndarray) -> list[str]:
     """Unique category labels "token·position" (plotly merges equal categories; the suffix keeps repeated
     tokens apart), so hover can name tokens via %{x}/%{y} without a string per cell."""
     tok = trace.tokens[batch]
-    return [f"{html.escape(readable_token(tok[p]))}·{p}" for p in positions]
+    return [f"{plotly_text(readable_token(tok[p]))}·{p}" for p in positions]
 
 
 def _attention_trace(trace, batch: int, a: np.ndarray, qpos, kpos, head: int, **kwargs) -> go.Heatmap:
@@ -547,7 +553,7 @@ def specialization_bars(spec, layer: int | None = None, value: str = "lift",
             marker_line=dict(color="#333", width=0.5), name=str(d), showlegend=False,
             customdata=np.stack([part["share"], part["share_all"], part["baseline_share"], part["count"],
                                  part["tokens"]], axis=-1),
-            hovertemplate=(f"{by} {html.escape(str(d))} · layer {layer} · expert %{{x}}<br>{value} %{{y:.2f}}"
+            hovertemplate=(f"{by} {plotly_text(str(d))} · layer {layer} · expert %{{x}}<br>{value} %{{y:.2f}}"
                            "<br>share of its tokens %{customdata[0]:.3f} (all domains %{customdata[1]:.3f}, "
                            "uniform %{customdata[2]:.3f})<br>%{customdata[3]} of %{customdata[4]} tokens"
                            "<extra></extra>")), row=r, col=1)
@@ -648,7 +654,7 @@ def generation_diff(result) -> go.Figure:
                         subplot_titles=["generated tokens (orange: the two runs differ)",
                                         "KL(baseline ‖ intervened) of the next-token distributions"])
     cell = lambda t: readable_token(t, 8) if t else "—"                                   # noqa: E731
-    hover = [f"step {s}<br>baseline <b>{html.escape(cell(b))}</b><br>intervened <b>{html.escape(cell(a))}</b>"
+    hover = [f"step {s}<br>baseline <b>{plotly_text(cell(b))}</b><br>intervened <b>{plotly_text(cell(a))}</b>"
              + (f"<br>KL {k:.4f} nats" if np.isfinite(k) else "<br>KL n/a (the baseline had stopped)")
              + ("<br>top token changed" if c else "")
              for s, b, a, k, c in zip(step, base, abl, kl, changed)]
@@ -689,7 +695,7 @@ def routing_cascade(result) -> go.Figure:
     prompt_length = len(result.prompt_ids)
 
     def where(p: int) -> str:
-        return (f"generated <b>{html.escape(readable_token(generated[p], 40))}</b>" if p in generated
+        return (f"generated <b>{plotly_text(readable_token(generated[p], 40))}</b>" if p in generated
                 else "prompt" if p < prompt_length else "")
 
     hover = [[f"layer {l} · position {p} ({where(p)})<br>{z[i, j]:.0%} of the top-k changed · Jaccard "
@@ -744,8 +750,8 @@ def path_sankey(paths, n: int = 12) -> go.Figure:
         color = (_LABEL_COLORS[names.index(str(row["top_label"])) % len(_LABEL_COLORS)] if has_label
                  else _LABEL_COLORS[rank % len(_LABEL_COLORS)])
         text = (f"path #{rank + 1}: {int(row['count'])} tokens ({row['share']:.1%})"
-                + (f", {row['purity']:.0%} {html.escape(str(row['top_label']))}" if has_label else "")
-                + (f", e.g. {html.escape(readable_token(str(row['example']), 24))}" if "example" in top.columns else ""))
+                + (f", {row['purity']:.0%} {plotly_text(str(row['top_label']))}" if has_label else "")
+                + (f", e.g. {plotly_text(readable_token(str(row['example']), 24))}" if "example" in top.columns else ""))
         for li in range(len(cols) - 1):
             src.append(index[(li, int(row[cols[li]]))])
             dst.append(index[(li + 1, int(row[cols[li + 1]]))])
@@ -760,7 +766,7 @@ def path_sankey(paths, n: int = 12) -> go.Figure:
                   hovertemplate="%{customdata}<extra></extra>")))
     covered = int(top["count"].sum())
     legend = (" · colour: " + ", ".join(f'<span style="color:{_LABEL_COLORS[i % len(_LABEL_COLORS)]}">'
-                                         f'{html.escape(s)}</span>' for i, s in enumerate(names))) if has_label else ""
+                                         f'{plotly_text(s)}</span>' for i, s in enumerate(names))) if has_label else ""
     kind = "top-1 expert paths" if counts.attrs.get("top_k") == 1 else "routing paths"
     return _finish(fig, f"The {len(top)} most frequent {kind} ({covered} of {tokens} tokens, "
                         f"{covered / max(tokens, 1):.1%}){legend}",

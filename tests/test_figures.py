@@ -385,3 +385,16 @@ def test_every_mark_has_hover_text_and_the_shared_look(trace):
                 continue
             assert t.hoverinfo not in ("skip", "none")
             assert t.hovertemplate or (t.hovertext is not None and len(t.hovertext)), (fig.layout.title.text, t.type)
+
+
+def test_quote_tokens_are_escaped_once_on_plotly_axes(trace):
+    """Issue #22 item 6: a \"\"\" token read &quot;&quot;&quot; on the axes (plotly decodes &lt; &gt; &amp;
+    but not &quot;); quotes stay literal, markup characters are still escaped (once)."""
+    tokens = [['"""', " '", "a&b", "<b>", " x", "y"], list(TOKENS[1])]
+    tr = dataclasses.replace(trace, tokens=tokens)
+    assert figures.plotly_text('"""\'<&>') == '"""\'&lt;&amp;&gt;'
+    ticks = list(figures.routing_map(tr, batch=0).layout.xaxis.ticktext)
+    assert ticks[:4] == ['"""', "␣'", "a&amp;b", "&lt;b&gt;"]
+    hm = figures.attention_heatmap(tr, 1, 0, batch=0).data[0]
+    assert list(hm.x)[:4] == ['"""·0', "␣'·1", "a&amp;b·2", "&lt;b&gt;·3"]
+    assert not any("&quot;" in s or "&#x27;" in s or "&amp;amp;" in s for s in ticks + list(hm.x))
