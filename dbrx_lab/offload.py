@@ -195,9 +195,9 @@ class ExpertCache:
         self.n_slots = min(budget // self.expert_bytes, L * E)
         self.budget = budget
         kw = dict(dtype=dtype, device=self.device)
-        self.slots = [torch.empty(self.n_slots, Fh, d, **kw) for _ in EXPERT_TENSORS]
         if pin and self.device.type == "cpu" and torch.cuda.is_available():
-            self.slots = [s.pin_memory() for s in self.slots]
+            kw["pin_memory"] = True                   # allocated pinned (a .pin_memory() copy would double it)
+        self.slots = [torch.empty(self.n_slots, Fh, d, **kw) for _ in EXPERT_TENSORS]
         self.where: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()   # LRU: oldest first
         self.free = list(range(self.n_slots))[::-1]
         self.loading: dict[tuple[int, int], Future] = {}
@@ -208,6 +208,7 @@ class ExpertCache:
         self._stats = _Stats(L)
         self._staging: dict[tuple, torch.Tensor] = {}
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.compute_done = None      # CUDA: an event after the last released call's kernels (see `released`)
 
     # --- public ----------------------------------------------------------------------------------
     def stats(self):
@@ -343,6 +344,14 @@ class ExpertCache:
         got = self.acquire(layer, [e])
         return got.get(e)
 
+    def released(self) -> None:
+        """After a call's kernels were queued (CUDA): a new read into a slot it used must wait for them, as
+        the GPU runs them later than Python returns."""
+        if self._copy_stream is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self.compute_done = event
+
     def release(self, layer: int, experts) -> None:
         with self.lock:
             for e in experts:
@@ -428,6 +437,9 @@ class ExpertCache:
 
     def _read_now(self, layer: int, run: list[int], slots: list[int]) -> None:
         t0 = time.perf_counter()
+        done = self.compute_done
+        if self._copy_stream is not None and done is not None:
+            self._copy_stream.wait_event(done)        # the slots' previous experts are no longer being read
         dests = [self.weights(s) for s in slots]
         if self.source is not None:                    # GPU slot <- host cache (pinned) <- file
             nbytes = 0
@@ -833,6 +845,7 @@ class _LayerCall:
     def __exit__(self, *exc):
         rt, mlp, layer = self.rt, self.mlp, self.mlp.layer
         call = mlp._call
+        rt.cache.released()
         rt.cache.release(layer, list(getattr(call, "slots", ())))
         if not exc or exc[0] is None:
             if getattr(self, "guess", None) is not None and not self.up_front:
