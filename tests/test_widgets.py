@@ -18,7 +18,7 @@ import torch
 import dbrx_lab
 from dbrx_lab import Record, analysis, figures, load_model
 from dbrx_lab.widgets import AblationLab, AttentionExplorer, ExpertUsageDashboard, RoutingExplorer
-from dbrx_lab.widgets._base import figure_bundle
+from dbrx_lab.widgets._base import clicked_position, figure_bundle
 
 PROMPT = "def add(a, b):\n    return a + b"
 
@@ -128,6 +128,29 @@ def test_attention_explorer_head_click_and_query_row(model, trace):
     assert "layer " + str(L - 1) in ex.pattern.figure.layout.title.text
     plotly_click(ex.pattern, 0, 0, 1)
     assert ex.query == 1 and ex.pattern.widget.layout.shapes[-1].y0 == 0.5
+
+
+def test_attention_explorer_clicks_with_category_labels(trace):
+    """Issue #22 item 5: plotly sends the category label ("␣The·7") of a clicked row, not a number; the
+    clicks select that row, and a label naming no position shows in the error box instead of escaping."""
+    ex = AttentionExplorer(trace=trace)
+    labels = list(ex.pattern.figure.data[0].y)
+    plotly_click(ex.grid, 1, labels[4], labels[2])                     # head 1's panel, query row 2
+    assert (ex.head_index, ex.query, ex.last_error) == (1, 2, None)
+    plotly_click(ex.pattern, 0, labels[0], labels[3])
+    assert ex.query == 3 and ex.last_error is None and "query 3" in ex.row.value
+    plotly_click(ex.pattern, 0, labels[0], "no position here")           # must not raise out of the handler
+    assert ex.query == 3 and "names no position" in shown_error(ex)
+
+
+def test_clicked_position_reads_labels_and_numbers():
+    """Category labels "token·position" (the token itself may contain ·) and numbers map to positions."""
+    assert clicked_position("␣The·7") == 7
+    assert clicked_position("a·b·12") == 12
+    assert clicked_position(3) == 3 and clicked_position(2.9999) == 3 and clicked_position("4") == 4
+    for bad in ("␣The", "x·y", None, True, float("nan"), [1]):
+        with pytest.raises(ValueError, match="names no position"):
+            clicked_position(bad)
 
 
 def test_attention_explorer_needs_attention(model):

@@ -23,6 +23,7 @@ import traceback
 from typing import Any, Callable
 
 import ipywidgets as W
+import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 
@@ -175,6 +176,23 @@ class ClickableFigure:
     def click(self, trace_index: int, x, y) -> None:
         """Act as if (x, y) of a trace had been clicked in the browser (tests, keyboard fallbacks)."""
         self._on_click(trace_index, {"x": x, "y": y, "point_index": None})
+
+
+def clicked_position(value) -> int:
+    """The trace position a clicked point stands for: plotly sends the category label of a category axis
+    ("token·position", see figures._position_labels) and the number of a numeric axis."""
+    if isinstance(value, str):
+        tail = value.rsplit("·", 1)[-1].strip()
+        try:
+            return int(tail) if "·" in value else int(round(float(tail)))
+        except ValueError:
+            raise ValueError(f"clicked point {value!r} names no position: expected a number or a "
+                             f"'token·position' label") from None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"clicked point {value!r} names no position: expected a number or a 'token·position' label")
+    if not np.isfinite(value):
+        raise ValueError(f"clicked point {value!r} names no position: not a finite number")
+    return int(round(float(value)))
 
 
 # --- base widget --------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import figures
 from ..trace import Record
-from ._base import SELECTED, ClickableFigure, PromptTraceWidget, token_html
+from ._base import SELECTED, ClickableFigure, PromptTraceWidget, clicked_position, token_html
 
 __all__ = ["AttentionExplorer"]
 
@@ -115,11 +115,17 @@ class AttentionExplorer(PromptTraceWidget):
 
     # --- callbacks ---------------------------------------------------------------------------------------
     def _on_grid_click(self, trace_index: int, point: dict) -> None:
-        heads = [h for _, h in self.head.options]
-        self._guard(self.select, "click")(heads[trace_index], int(round(point["y"])))
+        """A click on head trace_index's panel: select that head and the clicked query row."""
+        def pick() -> None:
+            heads = [h for _, h in self.head.options]
+            if not 0 <= trace_index < len(heads):
+                raise ValueError(f"clicked panel {trace_index} is not one of the {len(heads)} heads shown")
+            self.select(heads[trace_index], clicked_position(point["y"]))
+        self._guard(pick, "click")()
 
     def _on_pattern_click(self, trace_index: int, point: dict) -> None:
-        self._guard(self.select, "click")(None, int(round(point["y"])))
+        """A click on the pattern: select the clicked query row (y is a "token·position" category label)."""
+        self._guard(lambda: self.select(None, clicked_position(point["y"])), "click")()
 
     def _on_token(self, change) -> None:
         if change["new"] is not None:

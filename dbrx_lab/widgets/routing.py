@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import analysis, figures
 from ..trace import Record
-from ._base import SELECTED, ClickableFigure, PromptTraceWidget, expert_chip, token_html
+from ._base import SELECTED, ClickableFigure, PromptTraceWidget, clicked_position, expert_chip, token_html
 
 __all__ = ["RoutingExplorer"]
 
@@ -105,7 +105,7 @@ class RoutingExplorer(PromptTraceWidget):
 
     # --- callbacks ---------------------------------------------------------------------------------------
     def _on_map_click(self, trace_index: int, point: dict) -> None:
-        self._guard(self.select, "click")(int(round(point["x"])), int(round(point["y"])))
+        self._guard(lambda: self.select(clicked_position(point["x"]), clicked_position(point["y"])), "click")()
 
     def _on_token(self, change) -> None:
         if change["new"] is not None:
