@@ -426,3 +426,19 @@ def test_wrong_guesses_not_yet_read_are_cancelled(resident, folder):
     assert cache.acquire(1, [1]) and (1, 1) in cache.cached()
     cache.release(1, [1])
     assert cache.stats().loc[1, "prefetch_cancelled"] == 2
+
+
+def test_one_live_expert_in_a_balanced_prefill(resident, folder, two_threads):
+    """Every expert but one zero-ablated in a layer whose routing takes the padded path: the one fetched expert
+    is computed beside a not-fetched one, and the logits stay the resident model's."""
+    model = offloaded(folder, 48)
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(0))
+    for keep in (0, 7, 15):
+        abl = ExpertAblation(0, [e for e in range(16) if e != keep], mode="zero")
+        with torch.inference_mode():
+            with resident.intervene(abl):
+                a = resident(ids).logits
+            with model.intervene(abl):
+                b = model(ids).logits
+        assert torch.equal(a, b), keep
+    assert model.expert_cache.stats().loc[0, "skipped"] > 0

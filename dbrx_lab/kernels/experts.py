@@ -354,10 +354,12 @@ def _padded_each(mlp, xp: torch.Tensor, n_of: list[int]):
     for i in range(0, len(hit), 2):
         if i + 1 < len(hit):
             a, b = hit[i], hit[i + 1]
-        else:                                  # an odd one out: beside another expert (recomputed, not kept),
-            a = b = hit[i]                     # not beside itself (a stride-0 pair may round differently)
+        else:                                  # an odd one out: beside another expert (recomputed, not kept) or
+            a = b = hit[i]                     # a null one, not beside itself (a stride-0 pair rounds differently)
             if i:
                 a = hit[i - 1]
+            else:
+                b = next((e for e in range(E) if e != a and is_null(mlp, e)), a)
         yy, hh = expert_pair(mlp, torch.stack([xp[a], xp[b]]), a, b)
         y[a], h[a], y[b], h[b] = yy[0], hh[0], yy[1], hh[1]
     return y, h
