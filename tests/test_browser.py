@@ -277,6 +277,34 @@ def test_routing_explorer_click_follows_token(page, lab):
     assert explorer.locator(".dbrx-error-box").count() == 0
 
 
+def _click_cell(page, drag, dx: float = 4, dy: float = 4) -> None:
+    """Hover, then click near the top-left of a plotly subplot (plotly reports the hovered point)."""
+    drag.scroll_into_view_if_needed()
+    box = drag.bounding_box()
+    page.mouse.move(box["x"] + dx, box["y"] + dy)
+    page.wait_for_timeout(400)
+    page.mouse.click(box["x"] + dx, box["y"] + dy)
+
+
+def test_attention_explorer_clicks_select_query_and_head(page, lab):
+    """Issue #22 item 5: clicking a query row of the pattern or a head in the grid (plotly sends category
+    labels "token·position") selects that query and head, with no error box."""
+    open_and_run(page, lab, "03_attention_maps.ipynb")
+    explorer = page.locator(".dbrx-lab").first
+    explorer.wait_for(timeout=60_000)
+    for name in ("attention-head", "attention-grid"):
+        page.wait_for_function(f"() => document.querySelector('.dbrx-fig-{name}.js-plotly-plot')?.data?.length",
+                               timeout=60_000)
+    row_has = "t => (document.querySelector('.dbrx-attention-row')?.innerText || '').includes(t)"
+    assert not page.evaluate(row_has, "query 0 ")                         # the last query is selected first
+    _click_cell(page, page.locator(".dbrx-fig-attention-head.js-plotly-plot .nsewdrag").first)   # query row 0
+    page.wait_for_function(row_has, arg="query 0 ", timeout=30_000)
+    _click_cell(page, page.locator('.dbrx-fig-attention-grid.js-plotly-plot .nsewdrag[data-subplot="x2y2"]'))
+    page.wait_for_function(row_has, arg="head 1 · query 0 ", timeout=30_000)                   # head 1's panel
+    assert explorer.locator(".dbrx-error-box").count() == 0
+    shot(page, "03_attention_explorer_clicked", explorer)
+
+
 def test_card_browser_search_sort_pick_and_partner(page, lab):
     """Notebook 08's card browser: every handler driven from the browser (token search, sort column, order
     toggle, picking a card in the list, a partner button) changes what the widget shows."""
