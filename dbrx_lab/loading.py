@@ -86,11 +86,8 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str | None = None
         if expert_cache is None:
             raise ValueError("experts='offload' needs expert_cache= (bytes or a size like '8GiB'): the memory on the "
                              "model's device for cached experts")
-        if expert_compute not in ("auto", "fetch", "cpu"):
-            raise ValueError(f"expert_compute must be 'auto', 'fetch' or 'cpu', got {expert_compute!r}")
-        from .offload import parse_bytes
-        if expert_prefetch not in (True, False, "adaptive", "always"):
-            raise ValueError(f"expert_prefetch must be True ('adaptive'), 'always' or False, got {expert_prefetch!r}")
+        from .offload import OffloadRuntime, parse_bytes
+        OffloadRuntime.check_options(expert_prefetch, expert_compute)     # before any file is read
         offload = dict(cache=parse_bytes(expert_cache, "expert_cache"), prefetch=expert_prefetch,
                        compute=expert_compute, host=parse_bytes(expert_host_cache, "expert_host_cache"))
     elif expert_cache is not None:

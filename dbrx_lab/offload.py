@@ -698,10 +698,7 @@ class OffloadRuntime:
 
     def __init__(self, model, store: ExpertStore, cache_bytes: int, device: torch.device, dtype: torch.dtype,
                  prefetch: bool | str = True, compute: str = "auto", host_cache_bytes: int = 0) -> None:
-        if compute not in ("auto", "fetch", "cpu"):
-            raise ValueError(f"expert_compute must be 'auto', 'fetch' or 'cpu', got {compute!r}")
-        if prefetch not in (True, False, "adaptive", "always"):
-            raise ValueError(f"expert_prefetch must be True ('adaptive'), 'always' or False, got {prefetch!r}")
+        self.check_options(prefetch, compute)
         self.prefetch_mode = "adaptive" if prefetch is True else prefetch
         self.store, self.device, self.dtype = store, torch.device(device), dtype
         self.prefetch_enabled = prefetch is not False
@@ -725,6 +722,14 @@ class OffloadRuntime:
         """Context for one experts call of layer `mlp.layer`: acquire the needed experts, prefetch the next
         layer's guess, emit `hook_cache`, release after."""
         return _LayerCall(self, mlp, x, experts, weights, observe)
+
+    @staticmethod
+    def check_options(prefetch, compute) -> None:
+        """ValueError naming the valid values of expert_prefetch and expert_compute."""
+        if compute not in ("auto", "fetch", "cpu"):
+            raise ValueError(f"expert_compute must be 'auto', 'fetch' or 'cpu', got {compute!r}")
+        if prefetch not in (True, False, "adaptive", "always"):
+            raise ValueError(f"expert_prefetch must be True ('adaptive'), 'always' or False, got {prefetch!r}")
 
     def score_guess(self, layer: int, needed: list[int]) -> None:
         """Count how much of the last guess for `layer` it needed (the running precision adaptive prefetch uses;
@@ -782,16 +787,14 @@ class _LayerCall:
             live = torch.zeros(E, dtype=torch.long, device=flat.device).index_add_(
                 0, flat, (self.weights.reshape(-1) != 0).long())
             needed_mask = live > 0
-        both = torch.stack([counts > 0, needed_mask]).tolist()                    # one host sync
-        routed = [e for e in range(E) if both[0][e]]
-        needed = [e for e in range(E) if both[1][e]]
-        null = frozenset(e for e in routed if not both[1][e])
+        rows, live = torch.stack([counts, needed_mask.long()]).tolist()          # one host sync
+        needed = [e for e in range(E) if live[e]]
+        null = frozenset(e for e in range(E) if rows[e] and not live[e])
         cache = rt.cache
         with cache.lock:
             status = {e: cache.status(layer, e) for e in needed}
         on_cpu: dict[int, int] = {}
         if rt.host is not None and (rt.compute == "cpu" or (rt.compute == "auto" and rt.cost is not None)):
-            rows = dict(zip(range(E), counts.tolist()))
             for e in needed:
                 if status[e] != MISS:
                     continue
