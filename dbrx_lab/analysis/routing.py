@@ -23,7 +23,9 @@ import pandas as pd
 __all__ = ["Routing", "iter_routing", "routing_frame", "load_routing", "expert_load", "router_confidence",
            "confidence_summary", "fragile_tokens", "routing_repetition", "coactivation", "layer_transitions",
            "LoadCounts", "ConfidenceStats", "FragileTokens", "RepetitionCounts", "CoactivationCounts",
-           "TransitionCounts", "Accumulator", "repetition_baselines", "set_overlap"]
+           "TransitionCounts", "Accumulator", "repetition_baselines", "set_overlap", "load_intervals",
+           "coactivation_intervals", "specialization_intervals", "poisson_weights", "LoadIntervals",
+           "CoactivationIntervals", "SpecializationIntervals", "DEFAULT_MIN_COUNT"]
 
 # per-(token, layer) columns of the wide routing table besides expert_i / weight_i
 CONFIDENCE_COLUMNS = ("entropy", "margin", "topk_mass", "runner_up")
@@ -628,3 +630,280 @@ def layer_transitions(source, layer_pairs: Sequence[tuple[int, int]] | None = No
 def routing_frame(source, labels: Sequence | None = None) -> pd.DataFrame:
     """The wide per-(token, layer) routing table of a source (the format route-stats writes)."""
     return pd.concat([r.to_frame() for r in iter_routing(source, labels=labels)], ignore_index=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# counts and bootstrap intervals
+#
+# Intervals come from a Poisson bootstrap over units (texts by default, or tokens): replicate b gives unit u
+# the weight w_bu ~ Poisson(1) (the streaming form of resampling units with replacement), and each statistic
+# is recomputed from the weighted sums. The weights are a hash of (seed, unit, b), so a unit gets the same
+# weights whichever chunk it arrives in: the intervals of a route-stats folder and of the same traces match,
+# and memory stays [n_boot, statistics], whatever the number of texts.
+DEFAULT_MIN_COUNT = 10          # rows whose statistic rests on fewer tokens are flagged `low_count`
+BOOTSTRAP_UNITS = ("text", "token")
+_POISSON1_CDF = np.cumsum([math.exp(-1) / math.factorial(i) for i in range(24)])
+_BLOCK = 1 << 22                # elements of one dense [units, features] block
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wrapping arithmetic): a counter-based hash."""
+    x = np.asarray(x, dtype=np.uint64).copy()
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def poisson_weights(keys: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, U] float32 bootstrap weights ~ Poisson(1) for units named by int keys [U]; deterministic in
+    (seed, key, replicate), independent of how the units are chunked."""
+    base = _mix64(np.asarray(keys).astype(np.int64).view(np.uint64) ^ _mix64(np.uint64(seed) + np.uint64(1)))
+    step = np.uint64(0x9E3779B97F4A7C15) * np.arange(1, n_boot + 1, dtype=np.uint64)
+    h = _mix64(base[None, :] + step[:, None])
+    u = (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    return np.searchsorted(_POISSON1_CDF, u, side="right").astype(np.float32)
+
+
+def _check_bootstrap(n_boot: int, level: float, unit: str, seed: int, min_count: int | None = None) -> None:
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or not 10 <= n_boot <= 100_000:
+        raise ValueError(f"n_boot must be an integer in [10, 100000], got {n_boot!r}")
+    if not isinstance(level, (int, float)) or not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), e.g. 0.95, got {level!r}")
+    if unit not in BOOTSTRAP_UNITS:
+        raise ValueError(f"unit must be one of {BOOTSTRAP_UNITS} (what the bootstrap resamples), got {unit!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if min_count is not None and (isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer))
+                                  or min_count < 0):
+        raise ValueError(f"min_count must be an integer >= 0 (tokens), got {min_count!r}")
+
+
+class _Replicates:
+    """Bootstrap replicate sums of per-token features: sums[b, f] = sum over units u of w_bu * x_uf."""
+
+    def __init__(self, n_boot: int, seed: int, unit: str) -> None:
+        self.n_boot, self.seed, self.unit = n_boot, seed, unit
+
+    def unit_keys(self, r: Routing, idx) -> np.ndarray:
+        """The unit of each token of r[idx]: its text, or (text, position) hashed."""
+        text = np.asarray(r.column("text"))[idx].astype(np.int64)
+        if self.unit == "text":
+            return text
+        pos = np.asarray(r.column("position"))[idx].astype(np.int64).view(np.uint64)
+        return (_mix64(text.view(np.uint64)) ^ pos).view(np.int64)
+
+    def sums(self, keys: np.ndarray, token: np.ndarray, feature: np.ndarray, n_features: int,
+             value: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Entries (token index, feature index, value or 1) of tokens with unit keys [n] ->
+        ([n_boot, n_features] weighted sums, number of units)."""
+        uniq, code = np.unique(keys, return_inverse=True)
+        U = len(uniq)
+        out = np.zeros((self.n_boot, n_features))
+        entry_unit = code[token]
+        order = np.argsort(entry_unit, kind="stable")
+        entry_unit, feature = entry_unit[order], feature[order]
+        value = None if value is None else np.asarray(value, dtype=np.float64)[order]
+        per_block = max(1, _BLOCK // max(n_features, self.n_boot))
+        for a in range(0, U, per_block):
+            b = min(U, a + per_block)
+            lo, hi = np.searchsorted(entry_unit, [a, b])
+            dense = np.bincount((entry_unit[lo:hi] - a) * n_features + feature[lo:hi],
+                                weights=None if value is None else value[lo:hi],
+                                minlength=(b - a) * n_features).reshape(b - a, n_features)
+            out += poisson_weights(uniq[a:b], self.n_boot, self.seed).astype(np.float64) @ dense
+        return out, U
+
+
+def _interval(reps: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval over axis 0 of replicate values (NaN replicates ignored; all-NaN -> NaN)."""
+    q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
+    finite = np.isfinite(reps).any(0)
+    lo, hi = np.full(reps.shape[1:], np.nan), np.full(reps.shape[1:], np.nan)
+    if finite.any():
+        vals = np.nanpercentile(reps[:, finite], q, axis=0)
+        lo[finite], hi[finite] = vals[0], vals[1]
+    return lo, hi
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+class LoadIntervals(Accumulator):
+    """`LoadCounts` plus bootstrap replicates of each group's count, top-1 count, weight and tokens."""
+
+    def __init__(self, by: str | None = None, n_boot: int = 1000, level: float = 0.95, unit: str = "text",
+                 seed: int = 0) -> None:
+        _check_bootstrap(n_boot, level, unit, seed)
+        self.by, self.level = by, level
+        self.point = LoadCounts(by)
+        self.boot = _Replicates(n_boot, seed, unit)
+        self.reps: dict[Any, np.ndarray] = {}
+        self.units: dict[Any, int] = {}
+
+    def update(self, r: Routing) -> None:
+        self.point.update(r)
+        L, _, k = r.experts.shape
+        E = r.n_experts
+        LE = L * E
+        for group, idx in _groups(None if self.by is None else r.column(self.by)):
+            ex, w = r.experts[:, idx], r.weights[:, idx]                                 # [L, n, k]
+            n = ex.shape[1]
+            li, ti, ri = np.nonzero(ex >= 0)
+            cell = li * E + ex[li, ti, ri]
+            top = ri == 0
+            token = np.concatenate([ti, ti[top], ti, np.arange(n)])
+            feature = np.concatenate([cell, LE + cell[top], 2 * LE + cell, np.full(n, 3 * LE)])
+            value = np.concatenate([np.ones(len(ti) + int(top.sum())), w[li, ti, ri], np.ones(n)])
+            sums, units = self.boot.sums(self.boot.unit_keys(r, idx), token, feature, 3 * LE + 1, value)
+            self.reps[group] = self.reps.get(group, 0) + sums
+            self.units[group] = self.units.get(group, 0) + units    # chunks hold whole texts
+
+    def result(self) -> pd.DataFrame:
+        df = self.point.result()
+        LE = len(self.point.layers) * self.point.E
+        extra = []
+        for group, _ in sorted(self.point.counts.items(), key=lambda item: str(item[0])):
+            reps = self.reps[group]
+            tokens = reps[:, 3 * LE:3 * LE + 1]
+            cols = {"n_units": np.full(LE, self.units[group])}
+            for name, a in (("share", 0), ("top1_share", LE), ("weight_share", 2 * LE)):
+                lo, hi = _interval(_ratio(reps[:, a:a + LE], tokens), self.level)
+                if self.units[group] < 2:
+                    lo[:], hi[:] = np.nan, np.nan
+                cols[f"{name}_lo"], cols[f"{name}_hi"] = lo, hi
+            extra.append(pd.DataFrame(cols))
+        out = pd.concat([df, pd.concat(extra, ignore_index=True)], axis=1)
+        out.attrs.update(bootstrap=self.boot.unit, n_boot=self.boot.n_boot, level=self.level, seed=self.boot.seed)
+        return out
+
+
+def load_intervals(source, by: str | None = None, labels: Sequence | None = None, n_boot: int = 1000,
+                   level: float = 0.95, unit: str = "text", seed: int = 0) -> pd.DataFrame:
+    """`expert_load` with uncertainty: the same rows and columns plus n_units (texts, or tokens, resampled)
+    and `level` bootstrap percentile intervals share_lo/_hi, top1_share_lo/_hi, weight_share_lo/_hi.
+
+    unit "text" resamples whole texts (tokens of a text are not independent; the default) or "token";
+    with fewer than 2 units the intervals are NaN. Poisson bootstrap, deterministic in `seed`
+    (see `poisson_weights`); attrs record bootstrap, n_boot, level and seed.
+    """
+    return LoadIntervals(by, n_boot, level, unit, seed).collect(source, labels).result()
+
+
+class CoactivationIntervals(Accumulator):
+    """`CoactivationCounts` plus bootstrap replicates of the [L, E, E] co-occurrence counts."""
+
+    def __init__(self, n_boot: int = 1000, level: float = 0.95, unit: str = "text", seed: int = 0,
+                 min_count: int = DEFAULT_MIN_COUNT) -> None:
+        _check_bootstrap(n_boot, level, unit, seed, min_count)
+        self.level, self.min_count = level, min_count
+        self.point = CoactivationCounts()
+        self.boot = _Replicates(n_boot, seed, unit)
+        self.reps, self.units = 0, 0
+
+    def update(self, r: Routing) -> None:
+        self.point.update(r)
+        L, n, k = r.experts.shape
+        E = r.n_experts
+        ex = r.experts
+        a, b = np.broadcast_arrays(ex[..., :, None], ex[..., None, :])                 # [L, n, k, k]
+        li, ti, _, _ = np.nonzero(np.ones(a.shape, dtype=bool))
+        valid = ((a >= 0) & (b >= 0)).ravel()
+        feature = ((li * E + a.ravel()) * E + b.ravel())[valid]
+        sums, units = self.boot.sums(self.boot.unit_keys(r, slice(None)), ti[valid], feature, L * E * E)
+        self.reps, self.units = self.reps + sums, self.units + units
+
+    def result(self) -> pd.DataFrame:
+        df = self.point.result()
+        L, E = self.point.counts.shape[:2]
+        reps = self.reps.reshape(-1, L, E, E)
+        li, i, j = np.meshgrid(np.arange(L), np.arange(E), np.arange(E), indexing="ij")
+        off = i != j
+        both, alone = reps[:, off], reps[:, li[off], i[off], i[off]]
+        p_lo, p_hi = _interval(_ratio(both, alone), self.level)
+        if self.units < 2:
+            p_lo[:], p_hi[:] = np.nan, np.nan
+        base = df["baseline"].to_numpy()
+        df["n_units"] = self.units
+        df["p_j_given_i_lo"], df["p_j_given_i_hi"] = p_lo, p_hi
+        df["lift_lo"], df["lift_hi"] = p_lo / base, p_hi / base
+        df["lift_max"] = 1 / base
+        df["low_count"] = df["count_i"] < self.min_count
+        df.attrs.update(bootstrap=self.boot.unit, n_boot=self.boot.n_boot, level=self.level,
+                        seed=self.boot.seed, min_count=self.min_count)
+        return df
+
+
+def coactivation_intervals(source, n_boot: int = 1000, level: float = 0.95, unit: str = "text", seed: int = 0,
+                           min_count: int = DEFAULT_MIN_COUNT) -> pd.DataFrame:
+    """`coactivation` with counts guarded and uncertainty: plus n_units, bootstrap intervals p_j_given_i_lo/_hi
+    and lift_lo/_hi (as in `load_intervals`), lift_max = 1/baseline (the lift when j is chosen with i every
+    time: small count_i saturates there) and low_count = count_i < min_count (too few tokens to read)."""
+    return CoactivationIntervals(n_boot, level, unit, seed, min_count).collect(source).result()
+
+
+class SpecializationIntervals(Accumulator):
+    """Per group: bootstrap replicates of (count [L*E], tokens) for `specialization_intervals`."""
+
+    def __init__(self, by: str = "label", n_boot: int = 1000, level: float = 0.95, unit: str = "text",
+                 seed: int = 0, min_count: int = DEFAULT_MIN_COUNT) -> None:
+        _check_bootstrap(n_boot, level, unit, seed, min_count)
+        self.by, self.level, self.min_count = by, level, min_count
+        self.load = LoadIntervals(by, n_boot, level, unit, seed)
+
+    def update(self, r: Routing) -> None:
+        self.load.update(r)
+
+    def result(self) -> pd.DataFrame:
+        from .specialization import specialization_from_load
+
+        load = self.load.result()
+        spec = specialization_from_load(load, self.by)
+        groups = [g for g, _ in sorted(self.load.point.counts.items(), key=lambda item: str(item[0]))]
+        LE = len(self.load.point.layers) * self.load.point.E
+        count = np.stack([self.load.reps[g][:, :LE] for g in groups], 1)                # [B, G, LE]
+        tokens = np.stack([self.load.reps[g][:, 3 * LE] for g in groups], 1)[..., None]  # [B, G, 1]
+        share = _ratio(count, tokens)
+        share_all = _ratio(count.sum(1, keepdims=True), tokens.sum(1, keepdims=True))
+        rest_c, rest_n = count.sum(1, keepdims=True) - count, tokens.sum(1, keepdims=True) - tokens
+        lift_lo, lift_hi = _interval(_ratio(share, share_all).reshape(share.shape[0], -1), self.level)
+        odds = _log_odds(count, tokens, rest_c, rest_n).reshape(share.shape[0], -1)
+        odds_lo, odds_hi = _interval(odds, self.level)
+        n_units = load["n_units"].to_numpy()
+        for a in (lift_lo, lift_hi, odds_lo, odds_hi):
+            a[n_units < 2] = np.nan
+        c, n = spec["count"].to_numpy(float), spec["tokens"].to_numpy(float)
+        all_c = spec.groupby(["layer", "expert"])["count"].transform("sum").to_numpy(float)
+        all_n = spec.groupby(["layer", "expert"])["tokens"].transform("sum").to_numpy(float)
+        out = spec.assign(n_units=n_units, share_lo=load["share_lo"], share_hi=load["share_hi"],
+                          lift_lo=lift_lo, lift_hi=lift_hi, lift_max=all_n / n,
+                          log_odds=_log_odds(c, n, all_c - c, all_n - n), log_odds_lo=odds_lo, log_odds_hi=odds_hi)
+        out["saturated"] = np.isclose(out["lift"], out["lift_max"]) & (out["count"] > 0)
+        out["low_count"] = out["count"] < self.min_count
+        out.attrs.update(load.attrs, min_count=self.min_count)
+        return out
+
+
+def _log_odds(c, n, rest_c, rest_n):
+    """ln of the odds ratio of choosing the expert in the group vs the other groups, with 0.5 added to every
+    cell (Haldane-Anscombe): finite when one side never or always chooses it, and it grows with the count."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.log((c + 0.5) / (n - c + 0.5)) - np.log((rest_c + 0.5) / (rest_n - rest_c + 0.5)))
+
+
+def specialization_intervals(source, by: str = "label", labels: Sequence | None = None, n_boot: int = 1000,
+                             level: float = 0.95, unit: str = "text", seed: int = 0,
+                             min_count: int = DEFAULT_MIN_COUNT) -> pd.DataFrame:
+    """`domain_specialization` with counts guarded and uncertainty. Plus: n_units; bootstrap intervals
+    share_lo/_hi, lift_lo/_hi, log_odds_lo/_hi (as in `load_intervals`); low_count = count < min_count.
+
+    Saturation: lift = share / share_all cannot exceed lift_max = all labelled tokens / the group's tokens,
+    reached whenever no other group uses the expert, however many tokens it routes, so several experts tie
+    there (`saturated`). log_odds (ln odds ratio vs the other groups, 0.5 added to each cell) keeps growing
+    with the evidence: rank by it, or by lift_lo, to break such ties.
+    """
+    return SpecializationIntervals(by, n_boot, level, unit, seed, min_count).collect(source, labels).result()
