@@ -568,12 +568,24 @@ def specialization_bars(spec, layer: int | None = None, value: str = "lift",
                    height=120 + 170 * len(domains))
 
 
-def routing_sankey(flows, layers: Sequence[int] | None = None, min_count: int = 1) -> go.Figure:
-    """Cross-layer routing as a Sankey: nodes (layer, expert) in the expert's colour, links = tokens whose
-    top-1 expert goes from one to the other (`layer_transitions`, rank "top1", or computed for a source over
-    consecutive `layers`). Links below min_count tokens are dropped."""
+def routing_sankey(flows, layers: Sequence[int] | None = None, min_count: int = 1,
+                   min_share: float = 0.05, label_share: float = 0.03) -> go.Figure:
+    """Cross-layer routing as a Sankey: a column per layer with one node per expert (in its colour, ordered
+    by expert id from the top, at fixed positions), links = tokens whose top-1 expert goes from one to the
+    other (`layer_transitions`, rank "top1", or computed for a source over consecutive `layers`).
+
+    Links below min_count tokens or below min_share of their source node's tokens are dropped (hover a node
+    for its full count); nodes smaller than label_share of their column go unlabelled, so labels never
+    overlap. Fixed positions keep the picture stable between redraws and comparable across layers.
+    """
     from .analysis import layer_transitions
 
+    if not 0 <= min_share < 1:
+        raise ValueError(f"min_share must be in [0, 1), got {min_share!r}")
+    if not 0 <= label_share < 1:
+        raise ValueError(f"label_share must be in [0, 1), got {label_share!r}")
+    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
+        raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
     required = ["layer_a", "expert_a", "layer_b", "expert_b", "count", "share", "expected"]
     if isinstance(flows, pd.DataFrame) and set(required) <= set(flows.columns):
         df = flows
@@ -584,27 +596,60 @@ def routing_sankey(flows, layers: Sequence[int] | None = None, min_count: int = 
         df = _table(flows, layer_transitions, required, "routing_sankey", layer_pairs=pairs)
     if df.empty:
         raise ValueError(f"no transitions between the layers {layers}")
-    E = int(max(df["expert_a"].max(), df["expert_b"].max())) + 1
     node_layers = sorted(set(df["layer_a"]) | set(df["layer_b"]))
-    index = {(l, e): i for i, (l, e) in enumerate((l, e) for l in node_layers for e in range(E))}
-    links = df[df["count"] >= min_count]
-    inflow = links.groupby(["layer_b", "expert_b"])["count"].sum()
+    # every token's total per node, before any link is dropped (what hover reports)
+    out_all = df.groupby(["layer_a", "expert_a"])["count"].sum()
+    in_all = df.groupby(["layer_b", "expert_b"])["count"].sum()
+    links = df[(df["count"] >= min_count) & (df["count"] > 0) & (df["share"] >= min_share)]
+    if links.empty:
+        raise ValueError(f"no link has >= {min_count} tokens and >= {min_share:.0%} of its source's tokens: "
+                         f"lower min_count or min_share")
     outflow = links.groupby(["layer_a", "expert_a"])["count"].sum()
-    node_tokens = [int(outflow.get((l, e), inflow.get((l, e), 0))) for l in node_layers for e in range(E)]
+    inflow = links.groupby(["layer_b", "expert_b"])["count"].sum()
+    nodes = sorted({(int(l), int(e)) for l, e in outflow.index} | {(int(l), int(e)) for l, e in inflow.index})
+    size = {n: max(int(outflow.get(n, 0)), int(inflow.get(n, 0))) for n in nodes}
+    index = {n: i for i, n in enumerate(nodes)}
+    columns = {l: [n for n in nodes if n[0] == l] for l in node_layers}
+    most = max(len(c) for c in columns.values())
+    gap = min(0.02, 0.3 / max(most - 1, 1))              # fraction of the height between two nodes
+    xs, ys, labels, hover = [], [], [], []
+    col_x = {l: 0.001 + 0.998 * i / max(len(node_layers) - 1, 1) for i, l in enumerate(node_layers)}
+    for l, col in columns.items():
+        total = max(sum(size[n] for n in col), 1)
+        free = 1 - gap * (len(col) - 1)
+        below = 0
+        for i, n in enumerate(col):
+            xs.append(col_x[l])
+            ys.append(min(0.999, max(0.001, gap * i + free * (below + size[n] / 2) / total)))
+            below += size[n]
+            labels.append(f"e{n[1]}" if size[n] >= label_share * total else "")
+            tokens = int(out_all.get(n, in_all.get(n, 0)))
+            hover.append(f"layer {l} · expert {n[1]}: top-1 of {tokens} tokens")
+    ordered = sorted(nodes, key=index.get)
     fig = go.Figure(go.Sankey(
-        arrangement="snap",
-        node=dict(label=[f"L{l} e{e}" for l in node_layers for e in range(E)], pad=6, thickness=14,
-                  color=[expert_color(e) for _ in node_layers for e in range(E)], line=dict(color="#333", width=0.3),
-                  customdata=node_tokens, hovertemplate="%{label}: %{customdata} tokens<extra></extra>"),
-        link=dict(source=[index[(a, i)] for a, i in zip(links["layer_a"], links["expert_a"])],
-                  target=[index[(b, j)] for b, j in zip(links["layer_b"], links["expert_b"])],
+        arrangement="fixed",
+        node=dict(label=labels, x=xs, y=ys, pad=4, thickness=16, color=[expert_color(e) for _, e in ordered],
+                  line=dict(color="#333", width=0.3), customdata=hover,
+                  hovertemplate="%{customdata}<extra></extra>"),
+        link=dict(source=[index[(int(a), int(i))] for a, i in zip(links["layer_a"], links["expert_a"])],
+                  target=[index[(int(b), int(j))] for b, j in zip(links["layer_b"], links["expert_b"])],
                   value=links["count"].tolist(), color=[_rgba(expert_color(int(e)), 0.4) for e in links["expert_a"]],
-                  customdata=np.stack([links["share"], links["expected"]], axis=-1),
-                  hovertemplate=("%{source.label} → %{target.label}: %{value} tokens<br>%{customdata[0]:.1%} of "
-                                 "the source's tokens (independent layers: %{customdata[1]:.1f})<extra></extra>"))))
-    return _finish(fig, f"Cross-layer routing of top-1 experts (layers {node_layers[0]}–{node_layers[-1]}, link "
-                        f"width = tokens)", height=max(420, 24 * E + 120),
-                   width=min(1600, max(900, 300 * len(node_layers))))
+                  customdata=np.stack([links["layer_a"], links["expert_a"], links["layer_b"], links["expert_b"],
+                                       links["share"], links["expected"]], axis=-1),
+                  hovertemplate=("layer %{customdata[0]} e%{customdata[1]} → layer %{customdata[2]} "
+                                 "e%{customdata[3]}: %{value} tokens<br>%{customdata[4]:.1%} of the source's "
+                                 "tokens (independent layers: %{customdata[5]:.1f})<extra></extra>"))))
+    for l in node_layers:
+        fig.add_annotation(x=col_x[l], y=1.0, xref="paper", yref="paper", yanchor="bottom", showarrow=False,
+                           text=f"layer {l}", font=dict(size=12, color="#555"))
+    dropped = len(df[df["count"] > 0]) - len(links)
+    note = (f"link width = tokens; experts top to bottom by id; {dropped} links under {min_share:.0%} of their "
+            f"source (or {min_count} tokens) hidden")
+    fig.add_annotation(x=0, y=-0.06, xref="paper", yref="paper", yanchor="top", xanchor="left", showarrow=False,
+                       text=note, font=dict(size=11, color="#777"))
+    return _finish(fig, f"Cross-layer routing of top-1 experts (layers {node_layers[0]}–{node_layers[-1]})",
+                   height=max(460, 22 * most + 160), width=min(1600, max(900, 220 * len(node_layers))),
+                   margin=dict(l=30, r=30, t=90, b=60))
 
 
 # --- interventions -------------------------------------------------------------------------------
@@ -632,50 +677,108 @@ def ablation_impact(impact: pd.DataFrame) -> go.Figure:
                         + (f", {n} predicted tokens)" if n else ")"), height=max(360, 90 + 26 * len(impact.index)))
 
 
-def generation_diff(result) -> go.Figure:
-    """Baseline vs intervened generation: both token sequences aligned by step (cells where they differ
-    highlighted) above the per-step KL(baseline || intervened) in nats, the first divergence marked.
+_DIFF_OPS = {"equal": 0, "replace": 1, "only": 2, "gap": 3}        # cell colours of generation_diff
+_DIFF_COLORS = [[0, "#EEEEEE"], [0.25, "#EEEEEE"], [0.25, "#F4A582"], [0.5, "#F4A582"], [0.5, "#D6604D"],
+                [0.75, "#D6604D"], [0.75, "#FFFFFF"], [1, "#FFFFFF"]]
+_CELL_CHAR_PX = 7.5           # width of one character of 12 px monospace, with a little room
+_DIFF_PLOT_PX = 960 - 100     # plot area of a figure that fills a notebook (margins off)
 
+
+def diff_cell_chars(n_columns: int, width: int | None) -> int:
+    """How many characters fit in one cell of a generation_diff strip of n_columns (0: none, hover only):
+    long tokens are cut to this (with …) so a label never runs into its neighbours."""
+    plot = (width - 100) if width else _DIFF_PLOT_PX
+    return max(0, min(8, int(plot / max(n_columns, 1) / _CELL_CHAR_PX) - 1))
+
+
+def _diff_alignment(result, steps: pd.DataFrame) -> pd.DataFrame:
+    """The result's aligned columns, or align_tokens over per_step's ids (tokens when there are no ids)."""
+    have = getattr(result, "alignment", None)
+    if isinstance(have, pd.DataFrame) and {"op", "baseline_step", "ablated_step"} <= set(have.columns) and len(have):
+        return have
+    from .analysis.compare import align_tokens           # analysis is upstream of figures
+
+    def run(side: str) -> list:
+        key = f"{side}_id" if f"{side}_id" in steps.columns else f"{side}_token"
+        return [v for v in steps[key] if not pd.isna(v)]
+
+    return align_tokens(run("baseline"), run("ablated"))
+
+
+def generation_diff(result) -> go.Figure:
+    """Baseline vs ablated generation as an aligned diff (free-running: each run's own tokens), above the
+    per-step KL(baseline || ablated), teacher-forced on the baseline's tokens, the first divergence marked.
+
+    The two token rows are aligned (analysis.compare.align_tokens: common prefix, then difflib), so a token
+    inserted or dropped shifts nothing: grey cells agree, orange ones were replaced, red ones exist in one
+    run only (the other row has a blank gap there). Tokens longer than a cell are cut with "…" (full text
+    on hover). The KL of baseline step i is drawn at that token's column.
     result: `analysis.compare_generations(...)` (a GenerationComparison; its `per_step` has step,
-    baseline_token, ablated_token, kl, top_token_changed; `first_divergence` is a step or None).
+    baseline_token, ablated_token, kl, top_token_changed; `first_divergence` is a step or None; its
+    `alignment` is used when present).
     """
     steps = getattr(result, "per_step", None)
     need = ["step", "baseline_token", "ablated_token", "kl", "top_token_changed"]
     if not isinstance(steps, pd.DataFrame) or not set(need) <= set(steps.columns):
         raise ValueError(f"generation_diff needs compare_generations' result (per_step with columns {need})")
-    first = result.first_divergence
-    step = steps["step"].to_numpy()
-    base = ["" if pd.isna(t) else str(t) for t in steps["baseline_token"]]         # missing: that run stopped
-    abl = ["" if pd.isna(t) else str(t) for t in steps["ablated_token"]]
-    differs = np.array([a != b for a, b in zip(base, abl)])
-    changed = steps["top_token_changed"].fillna(False).to_numpy(bool)
-    kl = steps["kl"].to_numpy(float)
+    align = _diff_alignment(result, steps)
+    by_step = steps.set_index("step")
+    cols = np.arange(len(align))
+    width = _width(160 + 64 * len(cols))
+    chars = diff_cell_chars(len(cols), width)
+    rows: dict[str, dict[str, list]] = {}
+    for side in ("baseline", "ablated"):
+        z, text, full = [], [], []
+        for op, s in zip(align["op"], align[f"{side}_step"]):
+            if pd.isna(s):
+                z.append(_DIFF_OPS["gap"]), text.append(""), full.append(None)
+                continue
+            tok = by_step.at[int(s), f"{side}_token"]
+            tok = "" if pd.isna(tok) else str(tok)
+            z.append(_DIFF_OPS["equal" if op == "equal" else "replace" if op == "replace" else "only"])
+            text.append(readable_token(tok, chars) if chars else "")
+            full.append(tok)
+        rows[side] = {"z": z, "text": text, "full": full}
+    kl = np.full(len(cols), np.nan)
+    changed = np.zeros(len(cols), bool)
+    for c, s in zip(cols, align["baseline_step"]):
+        if not pd.isna(s) and int(s) in by_step.index:
+            kl[c] = float(by_step.at[int(s), "kl"]) if not pd.isna(by_step.at[int(s), "kl"]) else np.nan
+            changed[c] = bool(by_step.at[int(s), "top_token_changed"]) if not pd.isna(
+                by_step.at[int(s), "top_token_changed"]) else False
+    what = {"equal": "same token", "replace": "replaced", "delete": "only in the baseline",
+            "insert": "only in the ablated run"}
+
+    def side_text(side: str, c: int) -> str:
+        s, tok = align[f"{side}_step"].iloc[c], rows[side]["full"][c]
+        return f"{side} —" if tok is None else f"{side} step {int(s)} <b>{plotly_text(readable_token(tok, 40))}</b>"
+
+    hover = [f"column {c} · {what.get(op, op)}<br>{side_text('baseline', c)}<br>{side_text('ablated', c)}"
+             + (f"<br>KL {kl[c]:.4f} nats (teacher-forced)" if np.isfinite(kl[c]) else "")
+             + ("<br>top token changed" if changed[c] else "") for c, op in zip(cols, align["op"])]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.3, 0.7], vertical_spacing=0.1,
-                        subplot_titles=["generated tokens (orange: the two runs differ)",
-                                        "KL(baseline ‖ intervened) of the next-token distributions"])
-    cell = lambda t: readable_token(t, 8) if t else "—"                                   # noqa: E731
-    hover = [f"step {s}<br>baseline <b>{plotly_text(cell(b))}</b><br>intervened <b>{plotly_text(cell(a))}</b>"
-             + (f"<br>KL {k:.4f} nats" if np.isfinite(k) else "<br>KL n/a (the baseline had stopped)")
-             + ("<br>top token changed" if c else "")
-             for s, b, a, k, c in zip(step, base, abl, kl, changed)]
-    fig.add_trace(go.Heatmap(z=np.stack([differs, differs]).astype(float), x=step, y=["baseline", "intervened"],
-                             text=[[cell(t) for t in base], [cell(t) for t in abl]], texttemplate="%{text}",
-                             textfont=dict(family=MONO, size=12), zmin=0, zmax=1, showscale=False,
-                             colorscale=[[0, "#EEEEEE"], [1, "#F4A582"]], xgap=2, ygap=2,
+                        subplot_titles=["generated tokens, aligned (free-running; grey: same, orange: replaced, "
+                                        "red: only in one run, blank: gap)",
+                                        "KL(baseline ‖ ablated), teacher-forced on the baseline's tokens"])
+    fig.add_trace(go.Heatmap(z=[rows["baseline"]["z"], rows["ablated"]["z"]], x=cols, y=["baseline", "ablated"],
+                             text=[rows["baseline"]["text"], rows["ablated"]["text"]], texttemplate="%{text}",
+                             textfont=dict(family=MONO, size=12), zmin=0, zmax=3, showscale=False,
+                             colorscale=_DIFF_COLORS, xgap=2, ygap=2,
                              hovertext=[hover, hover], hoverinfo="text"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=step, y=kl, mode="lines+markers", name="KL", line=dict(color="#2F3E55"),
+    fig.add_trace(go.Scatter(x=cols, y=kl, mode="lines+markers", name="KL", line=dict(color="#2F3E55"),
                              marker=dict(color=np.where(changed, "#CA0020", "#2F3E55"), size=8),
                              hovertext=hover, hoverinfo="text"), row=2, col=1)
+    first = next((int(c) for c, op in zip(cols, align["op"]) if op != "equal"), None)
     if first is not None:
         fig.add_vline(x=first, line=dict(color="#CA0020", dash="dot", width=2), row=2, col=1,
-                      annotation_text=f"first divergence (step {first})", annotation_position="top right",
-                      annotation_font_color="#CA0020")
+                      annotation_text=f"first divergence (step {result.first_divergence})"
+                      if result.first_divergence is not None else "first divergence",
+                      annotation_position="top right", annotation_font_color="#CA0020")
     fig.update_yaxes(autorange="reversed", showgrid=False, row=1, col=1)
     fig.update_yaxes(title="KL (nats)", rangemode="tozero", exponentformat="e", row=2, col=1)
-    fig.update_xaxes(title="generation step (red markers: the top token changed)", row=2, col=1)
+    fig.update_xaxes(title="aligned column (red markers: the top token changed)", row=2, col=1)
     fig.update_xaxes(showgrid=False, row=1, col=1)
-    return _finish(fig, "Generation diff: baseline vs intervened", showlegend=False, height=460,
-                   width=_width(160 + 64 * len(step)))
+    return _finish(fig, "Generation diff: baseline vs ablated", showlegend=False, height=460, width=width)
 
 
 def routing_cascade(result) -> go.Figure:

@@ -345,13 +345,46 @@ def _comparison() -> GenerationComparison:
 def test_generation_diff_aligns_tokens_and_plots_kl():
     fig = figures.generation_diff(_comparison())
     tokens, kl = fig.data
-    np.testing.assert_array_equal(np.asarray(tokens.z)[0], [0, 1, 1, 1])     # highlighted where the runs differ
-    assert list(tokens.text[0]) == ["␣the", "␣cat", "␣sat", "—"] and tokens.text[1][3] == "."
+    # aligned: the cat sat / the dog ran . -> equal, replace, replace, insert ("." only in the ablated run)
+    np.testing.assert_array_equal(np.asarray(tokens.z), [[0, 1, 1, 3], [0, 1, 1, 2]])
+    assert list(tokens.text[0]) == ["␣the", "␣cat", "␣sat", ""] and tokens.text[1][3] == "."
     np.testing.assert_allclose(np.asarray(kl.y, dtype=float), [0.001, 0.4, 1.2, np.nan])
     assert [s.x0 for s in fig.layout.shapes] == [1]                             # first divergence marked
     assert "first divergence" in fig.layout.annotations[-1].text
     with pytest.raises(ValueError, match="compare_generations"):
         figures.generation_diff(pd.DataFrame())
+
+
+def test_generation_diff_aligns_after_an_insertion_and_cuts_long_tokens():
+    """Issue #22 item 6: the strip compared by position, so one inserted token made every later cell orange,
+    and long tokens overflowed their cells. Aligned, the run that agrees again is grey; labels fit."""
+    base = [" a", " b", " c", " d", " e"]
+    abl = [" a", " X", " b", " c", " d", " e"]
+    per_step = pd.DataFrame({"step": range(6), "position": range(5, 11), "baseline_token": base + [None],
+                             "ablated_token": abl, "same": [b == a for b, a in zip(base + [None], abl)],
+                             "kl": [0.0, 0.5, 0.1, 0.1, 0.1, np.nan],
+                             "top_token_changed": [False, True, False, False, False, None]})
+    empty = torch.zeros(0, dtype=torch.long)
+    res = GenerationComparison(prompt_ids=torch.arange(5), baseline_ids=empty, ablated_ids=empty,
+                               baseline_text="", ablated_text="", per_step=per_step, first_divergence=1,
+                               cascade=pd.DataFrame())
+    tokens, kl = figures.generation_diff(res).data
+    z = np.asarray(tokens.z)
+    np.testing.assert_array_equal(z, [[0, 3, 0, 0, 0, 0], [0, 2, 0, 0, 0, 0]])   # only " X" is marked
+    assert list(tokens.text[1]) == ["␣a", "␣X", "␣b", "␣c", "␣d", "␣e"] and tokens.text[0][1] == ""
+    np.testing.assert_allclose(np.asarray(kl.y, dtype=float), [0.0, np.nan, 0.5, 0.1, 0.1, 0.1])  # at its column
+    # long tokens are cut to what a cell holds, whatever the number of columns
+    for n in (4, 40, 400):
+        long = pd.DataFrame({"step": range(n), "position": range(n), "baseline_token": ["x" * 30] * n,
+                             "ablated_token": ["y" * 30] * n, "same": [False] * n, "kl": [0.1] * n,
+                             "top_token_changed": [True] * n})
+        fig = figures.generation_diff(dataclasses.replace(res, per_step=long))
+        limit = figures.diff_cell_chars(n, fig.layout.width)
+        texts = [t for row in fig.data[0].text for t in row]
+        assert all(len(t) <= limit for t in texts), (n, limit, texts[:2])
+        width = fig.layout.width or 960
+        assert limit * 7.5 <= (width - 100) / n                               # the cut text fits its cell
+        assert all(t.endswith("…") for t in texts if t)
 
 
 def test_routing_cascade_shows_where_routing_changed():
