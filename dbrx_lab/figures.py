@@ -207,8 +207,9 @@ def usage_heatmap(load, value: str = "share", group: Any = None) -> go.Figure:
     baseline = float(df[_USAGE_BASELINE[value]].iloc[0])
     tokens = int(df["tokens"].iloc[0])
     z = grid.to_numpy(dtype=float)
+    ci = _ci_text(df, value, ["layer"], ["expert"])
     hover = [[f"layer {l} · expert {e}<br>{value} {z[i, j]:.3f} ({z[i, j] / baseline:.2f}× uniform {baseline:.3f})"
-              f"<br>{int(counts.iloc[i, j])} of {tokens} tokens"
+              f"<br>n = {int(counts.iloc[i, j])} of {tokens} tokens" + (ci[i][j] if ci is not None else "")
               for j, e in enumerate(grid.columns)] for i, l in enumerate(grid.index)]
     colorbar = dict(title=dict(text=f"{value}<br>white = uniform<br>({baseline:.3g})"))
     fig = go.Figure(_baseline_heatmap(z, baseline, x=list(grid.columns), y=list(grid.index), hovertext=hover,
@@ -222,6 +223,20 @@ def usage_heatmap(load, value: str = "share", group: Any = None) -> go.Figure:
     if group_cols:
         title += f" · {group_cols[0]} = {group}"
     return _finish(fig, title, height=max(360, 90 + 26 * len(grid.index)))
+
+
+def _ci_text(df: pd.DataFrame, value: str, index: list[str], columns: list[str]) -> list[list[str]] | None:
+    """Hover lines "95% CI [lo, hi] (bootstrap over n texts)" per cell of a pivot, when the table has the
+    `{value}_lo` / `{value}_hi` columns of `analysis.routing.*_intervals`; None otherwise."""
+    if f"{value}_lo" not in df.columns:
+        return None
+    lo = df.pivot(index=index, columns=columns, values=f"{value}_lo").to_numpy(float)
+    hi = df.pivot(index=index, columns=columns, values=f"{value}_hi").to_numpy(float)
+    level, unit = df.attrs.get("level", 0.95), df.attrs.get("bootstrap", "text")
+    n = int(df["n_units"].iloc[0]) if "n_units" in df.columns else None
+    over = f" (bootstrap over {n} {unit}s)" if n is not None else ""
+    return [[f"<br>{level:.0%} CI [{a:.3f}, {b:.3f}]{over}" if np.isfinite(a) else
+             f"<br>no interval: fewer than 2 {unit}s" for a, b in zip(ra, rb)] for ra, rb in zip(lo, hi)]
 
 
 # --- routing map and routed text ---------------------------------------------------------------
@@ -460,7 +475,9 @@ def coactivation_heatmap(co, layer: int | None = None, value: str = "lift") -> g
     """Which experts are chosen together at a layer: expert i (row) x expert j (column) of `coactivation`.
 
     value "lift" (P(j | i) / random baseline (k-1)/(E-1); midpoint 1) or "p_j_given_i" (midpoint: the
-    baseline). The diagonal is blank.
+    baseline). The diagonal is blank. With the table of `analysis.routing.coactivation_intervals`, hover
+    gives the bootstrap interval, and cells flagged low_count (count_i < min_count: lift saturates at
+    1/baseline on few tokens) are blank (grey), with the reason in their hover text.
     """
     from .analysis import coactivation
 
@@ -471,11 +488,21 @@ def coactivation_heatmap(co, layer: int | None = None, value: str = "lift") -> g
     df, layer = _one_layer(df, layer)
     E = int(max(df["expert_i"].max(), df["expert_j"].max())) + 1
     z, hover = np.full((E, E), np.nan), [[f"expert {i} with itself" for _ in range(E)] for i in range(E)]
+    has_ci = {"lift_lo", "p_j_given_i_lo", "low_count"} <= set(df.columns)
+    level, unit = df.attrs.get("level", 0.95), df.attrs.get("bootstrap", "text")
     for r in df.itertuples(index=False):
-        z[r.expert_i, r.expert_j] = getattr(r, value)
-        hover[r.expert_i][r.expert_j] = (
-            f"layer {layer}<br>P(expert {r.expert_j} | expert {r.expert_i}) = {r.p_j_given_i:.3f}"
-            f"<br>random baseline {r.baseline:.3f} · lift {r.lift:.2f}<br>{r.count_both} of {r.count_i} tokens")
+        low = has_ci and bool(r.low_count)
+        z[r.expert_i, r.expert_j] = np.nan if low else getattr(r, value)
+        text = (f"layer {layer}<br>P(expert {r.expert_j} | expert {r.expert_i}) = {r.p_j_given_i:.3f}"
+                f"<br>random baseline {r.baseline:.3f} · lift {r.lift:.2f}<br>n = {r.count_both} of {r.count_i} tokens")
+        if has_ci:
+            lo, hi = getattr(r, f"{value}_lo"), getattr(r, f"{value}_hi")
+            text += (f"<br>{level:.0%} CI [{lo:.3f}, {hi:.3f}] (bootstrap over {r.n_units} {unit}s)"
+                     if np.isfinite(lo) else f"<br>no interval: fewer than 2 {unit}s")
+            if low:
+                text += (f"<br><b>blank: expert {r.expert_i} was chosen on fewer than "
+                         f"{df.attrs.get('min_count', 'min_count')} tokens</b> (lift saturates at {r.lift_max:.2f})")
+        hover[r.expert_i][r.expert_j] = text
     mid = 1.0 if value == "lift" else float(df["baseline"].iloc[0])
     fig = go.Figure(_baseline_heatmap(z, mid, x=list(range(E)), y=list(range(E)), hovertext=hover,
                                       colorbar=dict(title=dict(text=value.replace("_", " ")
@@ -483,8 +510,13 @@ def coactivation_heatmap(co, layer: int | None = None, value: str = "lift") -> g
     fig.update_xaxes(title="expert j (chosen too)", tickmode="linear", showgrid=False)
     fig.update_yaxes(title="expert i (given)", tickmode="linear", autorange="reversed", showgrid=False,
                      scaleanchor="x")
-    return _finish(fig, f"Expert co-activation at layer {layer}: P(j in top-k | i in top-k)"
-                        + (" / random" if value == "lift" else ""), height=560, width=640)
+    title = f"Expert co-activation at layer {layer}: P(j in top-k | i in top-k)" + (" / random" if value == "lift" else "")
+    extra = {}
+    if has_ci:
+        title += (f"<br><sup>grey: expert i chosen on fewer than {df.attrs.get('min_count', 'min_count')} tokens "
+                  f"(too few to read) · hover: n and {level:.0%} bootstrap interval</sup>")
+        extra = dict(plot_bgcolor="#C8C8C8", margin=dict(l=70, r=30, t=80, b=60))
+    return _finish(fig, title, height=560, width=640, **extra)
 
 
 _REPETITION_LABELS = {"same_top1": "same top-1 expert", "overlap": "top-k sets overlap",
@@ -527,6 +559,9 @@ def specialization_bars(spec, layer: int | None = None, value: str = "lift",
 
     value "lift" (share of the domain's tokens / share over all labelled tokens; 1 = average use) or
     "lift_uniform" (share / (k/E); 1 = uniform router) or "share" (line at the uniform k/E).
+    With the table of `analysis.routing.specialization_intervals`: error bars (bootstrap interval of lift or
+    share), low_count bars hatched and pale (fewer than min_count tokens), and saturated bars (lift at its
+    ceiling tokens_all / tokens_domain: only this domain uses the expert) outlined, with a note saying so.
     """
     if value not in ("lift", "lift_uniform", "share"):
         raise ValueError(f"value must be 'lift', 'lift_uniform' or 'share', got {value!r}")
@@ -535,7 +570,11 @@ def specialization_bars(spec, layer: int | None = None, value: str = "lift",
         raise ValueError(f"specialization_bars needs the table of analysis.domain_specialization (columns "
                          f"{required} and the domain column); labels are not in a Trace")
     df, layer = _one_layer(spec, layer)
-    by = next((c for c in df.columns if c not in required + ["share_all"]), None)
+    extra = {"share_all", "n_units", "share_lo", "share_hi", "lift_lo", "lift_hi", "lift_max", "log_odds",
+             "log_odds_lo", "log_odds_hi", "saturated", "low_count"}
+    by = next((c for c in df.columns if c not in required and c not in extra), None)
+    has_ci = f"{value}_lo" in df.columns
+    flagged = {"saturated", "low_count", "lift_max"} <= set(df.columns)
     if by is None:
         raise ValueError("the table has no domain column: build it with domain_specialization(source, by=...)")
     all_domains = list(dict.fromkeys(df[by]))
@@ -548,35 +587,66 @@ def specialization_bars(spec, layer: int | None = None, value: str = "lift",
     for r, d in enumerate(domains, start=1):
         part = df[df[by] == d].sort_values("expert")
         experts = part["expert"].to_numpy()
+        y = part[value].to_numpy(float)
+        notes = [""] * len(part)
+        error_y = None
+        if has_ci:
+            lo, hi = part[f"{value}_lo"].to_numpy(float), part[f"{value}_hi"].to_numpy(float)
+            error_y = dict(type="data", symmetric=False, array=np.nan_to_num(np.maximum(hi - y, 0)),
+                           arrayminus=np.nan_to_num(np.maximum(y - lo, 0)), color="#444", thickness=1, width=3)
+            level = spec.attrs.get("level", 0.95)
+            notes = [f"<br>{level:.0%} CI [{a:.2f}, {b:.2f}] (bootstrap over {n} {spec.attrs.get('bootstrap', 'text')}s)"
+                     if np.isfinite(a) else "<br>no interval: fewer than 2 texts"
+                     for a, b, n in zip(lo, hi, part["n_units"])]
+        low = part["low_count"].to_numpy(bool) if flagged else np.zeros(len(part), bool)
+        sat = part["saturated"].to_numpy(bool) if flagged else np.zeros(len(part), bool)
+        if flagged:
+            mc = spec.attrs.get("min_count", "min_count")
+            notes = [n + (f"<br><b>fewer than {mc} tokens</b>: too few to read" if lw else "")
+                     + (f"<br><b>saturated</b>: only this {plotly_text(by)} uses the expert; lift is at its "
+                        f"ceiling {m:.2f} whatever the count" if st and value == "lift" else "")
+                     for n, lw, st, m in zip(notes, low, sat, part["lift_max"])]
         fig.add_trace(go.Bar(
-            x=experts, y=part[value], marker_color=[expert_color(int(e)) for e in experts],
-            marker_line=dict(color="#333", width=0.5), name=str(d), showlegend=False,
+            x=experts, y=y, marker_color=[expert_color(int(e)) for e in experts],
+            marker_opacity=np.where(low, 0.35, 1.0),
+            marker_pattern_shape=np.where(low, "/", ""),
+            marker_line=dict(color=np.where(sat & (value == "lift"), "#CA0020", "#333").tolist(),
+                             width=np.where(sat & (value == "lift"), 2.0, 0.5).tolist()),
+            name=str(d), showlegend=False, error_y=error_y,
             customdata=np.stack([part["share"], part["share_all"], part["baseline_share"], part["count"],
-                                 part["tokens"]], axis=-1),
+                                 part["tokens"], np.array(notes, dtype=object)], axis=-1),
             hovertemplate=(f"{by} {plotly_text(str(d))} · layer {layer} · expert %{{x}}<br>{value} %{{y:.2f}}"
                            "<br>share of its tokens %{customdata[0]:.3f} (all domains %{customdata[1]:.3f}, "
-                           "uniform %{customdata[2]:.3f})<br>%{customdata[3]} of %{customdata[4]} tokens"
-                           "<extra></extra>")), row=r, col=1)
+                           "uniform %{customdata[2]:.3f})<br>n = %{customdata[3]} of %{customdata[4]} tokens"
+                           "%{customdata[5]}<extra></extra>")), row=r, col=1)
         ref = float(part["baseline_share"].iloc[0]) if value == "share" else 1.0
         fig.add_hline(y=ref, line=dict(color="#444", dash="dash", width=1), row=r, col=1)
     fig.update_xaxes(tickmode="linear", showgrid=False)
     fig.update_xaxes(title="expert", row=len(domains), col=1)
     ylabel = {"lift": "lift vs all domains", "lift_uniform": "lift vs uniform", "share": "share of tokens"}[value]
     fig.update_yaxes(title=ylabel)
-    return _finish(fig, f"Domain specialization at layer {layer}: {ylabel} (dashed: "
-                        f"{'uniform k/E' if value == 'share' else 'no specialization'})",
-                   height=120 + 170 * len(domains))
+    title = (f"Domain specialization at layer {layer}: {ylabel} (dashed: "
+             f"{'uniform k/E' if value == 'share' else 'no specialization'})")
+    if flagged:
+        title += (f"<br><sup>hatched: fewer than {spec.attrs.get('min_count', 'min_count')} tokens"
+                  + (" · red outline: saturated (only this domain uses the expert, so lift = all tokens / this "
+                     "domain's tokens whatever the count)" if value == "lift" else "")
+                  + (f" · whiskers: {spec.attrs.get('level', 0.95):.0%} bootstrap interval" if has_ci else "")
+                  + "</sup>")
+    return _finish(fig, title, height=120 + 170 * len(domains) + (30 if flagged else 0),
+                   margin=dict(l=70, r=30, t=90 if flagged else 60, b=60))
 
 
 def routing_sankey(flows, layers: Sequence[int] | None = None, min_count: int = 1,
-                   min_share: float = 0.05, label_share: float = 0.03) -> go.Figure:
+                   min_share: float = 0.0, label_share: float = 0.0) -> go.Figure:
     """Cross-layer routing as a Sankey: a column per layer with one node per expert (in its colour, ordered
     by expert id from the top, at fixed positions), links = tokens whose top-1 expert goes from one to the
     other (`layer_transitions`, rank "top1", or computed for a source over consecutive `layers`).
 
     Links below min_count tokens or below min_share of their source node's tokens are dropped (hover a node
     for its full count); nodes smaller than label_share of their column go unlabelled, so labels never
-    overlap. Fixed positions keep the picture stable between redraws and comparable across layers.
+    overlap (the dashboard uses min_share 0.05, label_share 0.03). Nodes are "L{layer} e{expert}"; an expert
+    with no link drawn has no node. Fixed positions keep the picture stable and comparable across layers.
     """
     from .analysis import layer_transitions
 
@@ -622,7 +692,7 @@ def routing_sankey(flows, layers: Sequence[int] | None = None, min_count: int = 
             xs.append(col_x[l])
             ys.append(min(0.999, max(0.001, gap * i + free * (below + size[n] / 2) / total)))
             below += size[n]
-            labels.append(f"e{n[1]}" if size[n] >= label_share * total else "")
+            labels.append(f"L{l} e{n[1]}" if size[n] >= label_share * total else "")
             tokens = int(out_all.get(n, in_all.get(n, 0)))
             hover.append(f"layer {l} · expert {n[1]}: top-1 of {tokens} tokens")
     ordered = sorted(nodes, key=index.get)
@@ -643,8 +713,9 @@ def routing_sankey(flows, layers: Sequence[int] | None = None, min_count: int = 
         fig.add_annotation(x=col_x[l], y=1.0, xref="paper", yref="paper", yanchor="bottom", showarrow=False,
                            text=f"layer {l}", font=dict(size=12, color="#555"))
     dropped = len(df[df["count"] > 0]) - len(links)
-    note = (f"link width = tokens; experts top to bottom by id; {dropped} links under {min_share:.0%} of their "
-            f"source (or {min_count} tokens) hidden")
+    note = "link width = tokens; experts top to bottom by id"
+    if dropped:
+        note += f"; hidden: {dropped} link(s) under {min_share:.0%} of their source's tokens or {min_count} token(s)"
     fig.add_annotation(x=0, y=-0.06, xref="paper", yref="paper", yanchor="top", xanchor="left", showarrow=False,
                        text=note, font=dict(size=11, color="#777"))
     return _finish(fig, f"Cross-layer routing of top-1 experts (layers {node_layers[0]}–{node_layers[-1]})",
