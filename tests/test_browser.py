@@ -32,8 +32,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 RUN_TIMEOUT_MS = 240_000          # a notebook's cells (2 CPU cores, cold imports)
 
 if not CHROMIUM.exists():
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api")
+    pytest.skip(f"no Chromium at {CHROMIUM}: install it (Debian/Ubuntu: apt-get install chromium; macOS: brew install "
+                "--cask chromium, then DBRX_LAB_CHROMIUM=/Applications/Chromium.app/Contents/MacOS/Chromium) or set "
+                "DBRX_LAB_CHROMIUM to a Chromium executable", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing (pip install -e '.[dev]')")
 
 # JupyterLab settings for a quiet, fully rendered notebook: no news / update pop-ups, and every cell kept in
 # the DOM (windowed rendering detaches off-screen outputs, which would hide figures from the checks).
