@@ -51,6 +51,8 @@ class GenerationComparison:
     text_logprob: the free-running cross log-probabilities, index text ("baseline", "ablated"): tokens,
         baseline_model / ablated_model (sum of the log-probabilities, nats, that each model gives that text's
         generated tokens in its own context) and their *_per_token means. Empty when built without it.
+    routing: top-k experts [L, S, k] of prompt + baseline generation without the intervention (the
+        teacher-forced pass the cascade compares; -1 where a layer chose fewer), or None.
     `metrics()` gathers the headline numbers with their labels.
     """
 
@@ -65,6 +67,7 @@ class GenerationComparison:
     interventions: list = field(default_factory=list)
     alignment: pd.DataFrame = field(default_factory=pd.DataFrame)
     text_logprob: pd.DataFrame = field(default_factory=pd.DataFrame)
+    routing: torch.Tensor | None = None
 
     def metrics(self) -> dict:
         """Headline numbers, named by how they were measured.
@@ -259,7 +262,8 @@ def compare_generations(model, prompt, interventions, max_new_tokens: int = 30, 
         ablated_ids=torch.tensor(abl, dtype=torch.long), baseline_text=tok.decode(base), ablated_text=tok.decode(abl),
         per_step=per_step, first_divergence=diverged[0] if diverged else None,
         cascade=routing_cascade(base_experts, abl_experts, T), interventions=ivs,
-        alignment=_aligned_table(per_step, base, abl), text_logprob=_text_logprob(per_step, len(base), len(abl)))
+        alignment=_aligned_table(per_step, base, abl), text_logprob=_text_logprob(per_step, len(base), len(abl)),
+        routing=torch.as_tensor(base_experts).clone())
 
 
 def _aligned_table(per_step: pd.DataFrame, base: list[int], abl: list[int]) -> pd.DataFrame:
