@@ -13,13 +13,19 @@ accelerate-dispatched model take turns by the model's own lock, one forward at a
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import contextvars
 import functools
 import html
+import io
 import json
+import os
+import re
 import threading
+import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import ipywidgets as W
@@ -31,7 +37,12 @@ from ..figures import MONO, expert_color, readable_token, text_color
 from ..trace import run_with_trace
 
 __all__ = ["LabWidget", "PromptTraceWidget", "FigurePane", "ClickableFigure", "prompt_input", "figure_bundle",
-           "fit_width", "token_html", "expert_chip"]
+           "fit_width", "token_html", "expert_chip", "EXPORT_KINDS"]
+
+# what the export bar writes: kind -> (file suffix, MIME type of the download link, button label)
+EXPORT_KINDS = {"csv": (".csv", "text/csv", "CSV"), "parquet": (".parquet", "application/vnd.apache.parquet", "Parquet"),
+                "trace": (".safetensors", "application/octet-stream", "Trace"), "html": (".html", "text/html", "HTML")}
+DOWNLOAD_LIMIT = 8 << 20      # bytes: files up to this size also get a download link (a data: URI in the page)
 
 ACCENT = "#2F3E55"
 SELECTED = "#CA0020"          # outline of the selected cell / row in clickable figures
@@ -73,7 +84,36 @@ STYLE = f"""<style>
 .dbrx-lab .dbrx-attn-row span {{ display: inline-block; padding: 1px 2px; margin: 1px; border-radius: 3px;
   font-family: {MONO}; font-size: 13px; white-space: pre; }}
 .dbrx-lab .widget-html-content {{ white-space: normal; }}
+.dbrx-lab .dbrx-export .jupyter-button {{ font-size: 11px; height: 24px; padding: 0 8px; }}
+.dbrx-lab .dbrx-export-note {{ font-size: 12px; color: #555; }}
 </style>"""
+
+
+def _size_text(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
+
+
+def _write_new(target: Path, write: Callable[[Path], None]) -> Path:
+    """Create the new file `target` atomically: write(tmp) fills a temporary name beside it, which is then
+    hard-linked to `target` (fails with FileExistsError rather than replace anything) and removed."""
+    from .. import checkpoint
+
+    checkpoint.sweep_temps(target)
+    tmp = checkpoint.temp_path(target)
+    try:
+        write(tmp)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise
+        except OSError:                               # no hard links here (some network / FUSE file systems)
+            if target.exists():
+                raise FileExistsError(f"{target} exists; nothing was overwritten") from None
+            os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    checkpoint._fsync_dir(target.parent)
+    return target
 
 
 def prompt_input(text: str, chat: bool):
@@ -228,9 +268,149 @@ class LabWidget:
         head = W.HTML(f'{STYLE}<div class="dbrx-title">{html.escape(title)}</div>'
                       f'<div class="dbrx-subtitle">{subtitle}</div>')
         status_row = W.HBox([self.progress, self.status], layout=W.Layout(align_items="center"))
-        box = W.VBox([head, *children, status_row, self.error], layout=W.Layout(width="100%"))
+        box = W.VBox([head, *children, status_row, self.export_bar(), self.error], layout=W.Layout(width="100%"))
         box.add_class("dbrx-lab")
         return box
+
+    # --- export ----------------------------------------------------------------------------------------
+    def export_table(self):
+        """The current view's data as a pandas DataFrame (subclasses; without one the CSV/Parquet buttons are
+        hidden)."""
+        raise NotImplementedError(f"{type(self).__name__} has no table to export")
+
+    def export_figure(self):
+        """The figure on show: by default the one of the widget's `pane` attribute, else of its first figure
+        pane (FigurePane / ClickableFigure) that holds one; None when nothing is drawn."""
+        panes = [v for v in vars(self).values() if isinstance(v, (FigurePane, ClickableFigure))]
+        main = getattr(self, "pane", None)
+        if isinstance(main, (FigurePane, ClickableFigure)):
+            panes.insert(0, main)
+        return next((p.figure for p in panes if p.figure is not None), None)
+
+    def export_trace(self):
+        """The Trace the widget shows (its `trace` attribute), or None."""
+        return getattr(self, "trace", None)
+
+    def _exportable(self) -> list[str]:
+        """The export kinds this widget offers (a kind is offered when the class can produce it at all)."""
+        kinds = ["html"]
+        if type(self).export_table is not LabWidget.export_table:
+            kinds[:0] = ["csv", "parquet"]
+        # a trace: the widget keeps one (maybe set later, by Run), or its own export_trace gives one now
+        if hasattr(self, "trace") or (type(self).export_trace is not LabWidget.export_trace
+                                      and self.export_trace() is not None):
+            kinds.insert(len(kinds) - 1, "trace")
+        return kinds
+
+    def export_bar(self) -> W.HBox:
+        """Buttons that write the current view's data (CSV, Parquet), trace and figure (standalone HTML) with
+        `export`, and a note saying where the file went, with a download link (built once, then reused)."""
+        if getattr(self, "_export_box", None) is not None:
+            return self._export_box
+        self.export_note = W.HTML("")
+        self.export_note.add_class("dbrx-export-note")
+        self.export_buttons: dict[str, W.Button] = {}
+        for kind in self._exportable():
+            label = EXPORT_KINDS[kind][2]
+            b = W.Button(description=label, icon="download", layout=W.Layout(width="auto"),
+                         tooltip={"csv": "the current view's table as CSV", "parquet": "the current view's table as "
+                                  "Parquet", "trace": "the trace (Trace.save format; dbrx_lab.Trace.load reads it)",
+                                  "html": "the figure as a standalone HTML page (plotly.js inside, works offline)"}[kind])
+            b.add_class(f"dbrx-export-{kind}")
+            b.on_click(self._guard(lambda _, k=kind: self._export_clicked(k), f"export {label}"))
+            self.export_buttons[kind] = b
+        box = W.HBox([W.HTML('<span class="dbrx-export-note">export&nbsp;</span>'), *self.export_buttons.values(),
+                      self.export_note], layout=W.Layout(align_items="center", flex_flow="row wrap"))
+        box.add_class("dbrx-export")
+        self._export_box = box
+        return box
+
+    def _export_clicked(self, kind: str) -> None:
+        self.clear_error()
+        path = self.export(kind)
+        size = path.stat().st_size
+        link = ""
+        if size <= DOWNLOAD_LIMIT:
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            link = (f' · <a class="dbrx-export-link" download="{html.escape(path.name)}" '
+                    f'href="data:{EXPORT_KINDS[kind][1]};base64,{data}">download</a>')
+        self.export_note.value = (f'saved <code class="dbrx-export-path">{html.escape(str(path))}</code> '
+                                  f'({_size_text(size)}){link}')
+
+    def _export_name(self) -> str:
+        """The stem of a default export file name: the widget, what it shows, the time."""
+        what = getattr(self, "export_label", None)
+        what = what() if callable(what) else what
+        parts = [re.sub(r"(?<!^)(?=[A-Z])", "-", type(self).__name__).lower()]
+        if what:
+            parts.append(re.sub(r"[^A-Za-z0-9._-]+", "-", str(what)).strip("-")[:60])
+        return "-".join(parts + [time.strftime("%Y%m%d-%H%M%S")])
+
+    def export(self, kind: str, path: str | os.PathLike | None = None) -> Path:
+        """Write what the widget shows to a new file and return its path.
+
+        kind: "csv" / "parquet" (`export_table()`), "trace" (`export_trace()`, in Trace.save's format) or
+        "html" (`export_figure()` as a standalone page, plotly.js included: opens offline). path: a new file
+        (its suffix must fit the kind; none: added), a folder to put a new file in, or None: ./exports under
+        the current directory (the notebook's). An existing file is never overwritten: a default name gets a
+        numbered variant, an explicit existing path is refused. The file is written under a temporary name
+        and linked into place (atomic), with the permissions the umask allows.
+        """
+        if kind not in EXPORT_KINDS:
+            raise ValueError(f"kind must be one of {list(EXPORT_KINDS)}, got {kind!r}")
+        suffix = EXPORT_KINDS[kind][0]
+        write = self._export_writer(kind)
+        if path is not None and not Path(path).is_dir():
+            target = Path(path)
+            if not target.suffix:
+                target = target.with_suffix(suffix)
+            elif target.suffix.lower() != suffix:
+                raise ValueError(f"a {kind} export is a {suffix} file; {str(path)!r} ends in {target.suffix!r}")
+            if target.exists() or target.is_symlink():
+                raise FileExistsError(f"{target} exists; nothing was overwritten: give a new name or a folder")
+            if not target.parent.is_dir():
+                raise FileNotFoundError(f"no folder {target.parent} to export into")
+            return _write_new(target, write)
+        folder = Path.cwd() / "exports" if path is None else Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = self._export_name()
+        for n in range(1000):
+            target = folder / f"{stem}{'' if n == 0 else f'-{n}'}{suffix}"
+            if target.exists() or target.is_symlink():
+                continue
+            try:
+                return _write_new(target, write)
+            except FileExistsError:                   # made meanwhile by someone else: take the next name
+                continue
+        raise FileExistsError(f"no free file name for {stem}{suffix} in {folder}")
+
+    def _export_writer(self, kind: str) -> Callable[[Path], None]:
+        """A function that writes the export of `kind` into a new file (the content is computed now, so a
+        missing table / trace / figure is reported before any file is made)."""
+        from .. import checkpoint
+
+        if kind in ("csv", "parquet"):
+            table = self.export_table()
+            if table is None:
+                raise ValueError("nothing to export: the widget shows no table yet")
+            if kind == "csv":
+                data = table.to_csv(index=False).encode("utf-8")
+            else:
+                buf = io.BytesIO()
+                table.to_parquet(buf, index=False)
+                data = buf.getvalue()
+        elif kind == "trace":
+            trace = self.export_trace()
+            if trace is None:
+                raise ValueError("nothing to export: the widget has no trace yet (run a prompt first)")
+            return lambda tmp: trace.save(tmp)
+        else:
+            fig = self.export_figure()
+            if fig is None:
+                raise ValueError("nothing to export: the widget shows no figure")
+            data = fig.to_html(include_plotlyjs=True, full_html=True,
+                               config={"displaylogo": False, "responsive": True}).encode("utf-8")
+        return lambda tmp: checkpoint._write_file(tmp, lambda f: f.write(data))
 
     # --- errors and status ---------------------------------------------------------------------------
     def show_error(self, err: BaseException, context: str = "") -> None:

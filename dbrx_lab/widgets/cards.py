@@ -122,6 +122,18 @@ class CardBrowser(LabWidget):
         self.partners.children = buttons
         self.pane.show(figures.card_logits(card) if card.promoted is not None else None)
 
+    # --- export ----------------------------------------------------------------------------------------
+    def export_table(self) -> pd.DataFrame:
+        """The cards as listed (search and sort applied): one summary row per card."""
+        return self.rows.reset_index(drop=True)
+
+    def export_figure(self):
+        """The selected card's logit-effect figure (None when the card has none)."""
+        return self.pane.figure
+
+    def export_label(self) -> str:
+        return "cards" if self.selected is None else f"L{self.selected[0]}-e{self.selected[1]}"
+
     def _on_pick(self, change) -> None:
         if change["new"] is not None:
             self.select(*change["new"])
