@@ -1,6 +1,6 @@
 """Regenerate the README's expert-card screenshots (docs/img/expert_cards_*.png) from the demo model.
 
-    .venv/bin/python scripts/card_screenshots.py
+    .venv/bin/python scripts/card_screenshots.py [OUT_DIR]      (`make screenshots` runs it after the widgets)
 
 Runs route-stats on the demo's evaluation texts, builds every card, writes the offline site to a temporary
 folder and photographs its index and the card with the largest token-class lift (at least 50 tokens) in
@@ -24,7 +24,7 @@ from dbrx_lab import analysis  # noqa: E402
 from dbrx_lab.card_site import demo_texts, write_card_site  # noqa: E402
 
 
-def main() -> None:
+def main(out: Path | None = None) -> None:
     torch.set_num_threads(1)
     from playwright.sync_api import sync_playwright
 
@@ -39,7 +39,7 @@ def main() -> None:
     info = write_card_site(cards, work / "site", analysis.path_counts(top1), analysis.path_purity(paths))
     print(f"cards and site: {time.perf_counter() - start:.1f} s, {info['bytes'] / 1e6:.1f} MB in {info['out']}")
     best = cards.summary[cards.summary["count"] >= 50].sort_values("class_lift", ascending=False).iloc[0]
-    out = ROOT / "docs" / "img"
+    out = Path(out) if out else ROOT / "docs" / "img"
     out.mkdir(parents=True, exist_ok=True)
     chromium = os.environ.get("DBRX_LAB_CHROMIUM", "/usr/bin/chromium")
     with sync_playwright() as pw:
@@ -57,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else None)
