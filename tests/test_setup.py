@@ -215,7 +215,7 @@ def _notebook(outputs: bool) -> dict:
     return {"cells": [cell, check], "metadata": meta, "nbformat": 4, "nbformat_minor": 5}
 
 
-def test_make_lab_serves_a_working_copy_with_lab_args():
+def test_make_lab_serves_a_working_copy_with_lab_args(tmp_path):
     """`make lab` must not open JupyterLab on the tracked notebooks/ (it autosaves outputs into them)."""
     done = subprocess.run(["make", "-n", "lab", 'LAB_ARGS=--port 8890 --ip 0.0.0.0 --no-browser'], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
@@ -224,12 +224,13 @@ def test_make_lab_serves_a_working_copy_with_lab_args():
     assert launch and all("notebooks" not in l for l in launch), done.stdout
     assert "--port 8890 --ip 0.0.0.0 --no-browser" in launch[-1]
     printed = subprocess.run([sys.executable, str(ROOT / "scripts" / "lab.py"), "--print-command",
-                              "--dir", "/tmp/dbrx-lab-test-copy", "--port", "8890"],
+                              "--dir", str(tmp_path / "copy"), "--port", "8890"],
                              capture_output=True, text=True, timeout=60)
     assert printed.returncode == 0, printed.stderr
     command = printed.stdout.strip().splitlines()[-1]
-    assert "--ServerApp.root_dir=/tmp/dbrx-lab-test-copy" in command and command.endswith("--port 8890")
-    shutil.rmtree("/tmp/dbrx-lab-test-copy", ignore_errors=True)
+    assert f"--ServerApp.root_dir={tmp_path / 'copy'}" in command and command.endswith("--port 8890")
+    assert sorted(p.name for p in (tmp_path / "copy").glob("*.ipynb")) == \
+        sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_working_copy_never_overwrites_edits(tmp_path):
