@@ -190,5 +190,19 @@ def test_summary_labels_free_running_and_teacher_forced_numbers(model):
 
 def test_export_before_anything_is_empty(model):
     lab = AblationLab(model, prompt=PROMPT, experts=None, background=False)
-    assert isinstance(lab.export_table(), pd.DataFrame) and lab.export_table().empty
-    assert lab.export_figure() is None
+    assert lab.export_table() is None and lab.export_figure() is None
+
+
+def test_export_bar_writes_the_comparison_and_the_sweep(model, tmp_path):
+    lab = AblationLab(model, prompt=PROMPT, experts={0: [1, 2, 3, 4]}, max_new_tokens=4, background=False)
+    lab.generate_button.click()
+    csv = pd.read_csv(lab.export("csv", tmp_path))
+    assert "comparison" in lab._export_name() and len(csv) == len(lab.result.alignment)
+    assert csv["op"].tolist() == lab.result.alignment["op"].tolist()
+    parquet = pd.read_parquet(lab.export("parquet", tmp_path))
+    assert parquet["ablated_token"].tolist() == lab.result.alignment["ablated_token"].tolist()
+    assert "Generation diff" in lab.export("html", tmp_path).read_text()
+    lab.run_sweep_sync(layers=[0], experts=[1, 2])
+    assert "sweep-reroute" in lab._export_name()
+    sweep = pd.read_csv(lab.export("csv", tmp_path))
+    assert sweep["delta_loss"].notna().sum() == 2

@@ -702,10 +702,14 @@ class AblationLab(LabWidget):
     def _sweep_shown(self) -> bool:
         return self.grid_view.value == "effect" and self.sweep_table is not None
 
-    def export_table(self) -> pd.DataFrame:
+    def export_label(self) -> str:
+        """What an export file is named after: the sweep or the comparison (LabWidget._export_name)."""
+        return f"sweep-{self.sweep_table.attrs.get('mode')}" if self._sweep_shown() else "comparison"
+
+    def export_table(self) -> pd.DataFrame | None:
         """What the lab shows, as a table: the sweep (when the grid shows the ablation effect: layer, expert,
         share, delta_loss) or the last comparison, one row per aligned column (op, both runs' steps, tokens
-        and ids, kl, log-probs; see GenerationComparison.alignment); empty before either exists."""
+        and ids, kl, log-probs; see GenerationComparison.alignment); None before either exists."""
         if self._sweep_shown():
             t = self.sweep_table
             cells = [(l, e) for l in t.index for e in t.columns]
@@ -715,8 +719,7 @@ class AblationLab(LabWidget):
             out.attrs.update(t.attrs)
             return out
         if self.result is None:
-            return pd.DataFrame(columns=["column", "op", "baseline_step", "ablated_step", "baseline_token",
-                                         "ablated_token"])
+            return None
         res = self.result
         out = (res.alignment if len(res.alignment) else
                align_tokens(res.baseline_ids.tolist(), res.ablated_ids.tolist())).copy()
