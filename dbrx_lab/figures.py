@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 __all__ = ["EXPERT_COLORS", "expert_color", "readable_token", "text_color", "attention_pattern", "usage_heatmap", "routing_map", "routed_text",
+           "span_bounds", "span_positions", "chat_span",
            "routed_text_html", "attention_heatmap", "attention_grid", "coactivation_heatmap", "repetition_bars",
            "specialization_bars", "routing_sankey", "ablation_impact", "generation_diff", "routing_cascade",
            "path_sankey", "card_logits", "expert_cache_figure"]
@@ -41,6 +42,8 @@ _BLUES = ["#053061", "#2166AC", "#4393C3", "#92C5DE", "#D1E5F0"]    # ColorBrewe
 _REDS = ["#FDDBC7", "#F4A582", "#D6604D", "#B2182B", "#67001F"]     # high half
 MIDPOINT_COLOR = "#F7F7F7"
 MAX_TICKS = 80                # token labels shown on an axis before thinning
+AXIS_TITLE_STANDOFF = 16      # px between an axis' tick labels and its title (with automargin: never overlapping)
+FIT_WIDTH_GUESS = 960         # px: a figure without a fixed width fills about this much of a notebook
 _VISIBLE = {" ": "␣", "\n": "↵", "\r": "␍", "\t": "⇥"}
 _ESCAPED = {"\\n": "↵", "\\r": "␍", "\\t": "⇥"}   # tokenizer.token_strings escapes these
 
@@ -115,18 +118,21 @@ def _width(natural: int) -> int | None:
     return max(720, natural) if natural <= 1200 else None
 
 
-def _token_axis(positions: Sequence[int], tokens: Sequence[str], title: str, generated_from: int | None = None) -> dict:
+def _token_axis(positions: Sequence[int], tokens: Sequence[str], title: str, generated_from: int | None = None,
+                shown: int | None = None) -> dict:
     """A numeric position axis labelled with tokens (numeric, so repeated tokens are never merged); labels of
-    positions >= generated_from in grey italics. More than MAX_TICKS positions: every n-th label."""
-    step = max(1, math.ceil(len(positions) / MAX_TICKS))
+    positions >= generated_from in grey italics. More than MAX_TICKS positions in view (`shown`, default all):
+    every n-th label. The title stands off the labels (automargin), so the two never overlap."""
+    shown = len(positions) if shown is None else shown
+    step = max(1, math.ceil(shown / MAX_TICKS))
     text = []
     for p, t in zip(positions[::step], tokens[::step]):
         label = plotly_text(readable_token(t))
         generated = generated_from is not None and p >= generated_from
         text.append(f'<span style="color:#888"><i>{label}</i></span>' if generated else label)
-    return dict(title=title, tickmode="array", tickvals=list(positions[::step]), ticktext=text,
-                tickangle=-60 if len(positions) > 6 else 0, tickfont=dict(family=MONO, size=11), showgrid=False,
-                zeroline=False)
+    return dict(title=dict(text=title, standoff=AXIS_TITLE_STANDOFF), automargin=True, tickmode="array",
+                tickvals=list(positions[::step]), ticktext=text, tickangle=-60 if shown > 6 else 0,
+                tickfont=dict(family=MONO, size=11), showgrid=False, zeroline=False)
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -171,6 +177,73 @@ def _real_positions(trace, batch: int) -> np.ndarray:
 def _n_experts(trace) -> int:
     E = trace.n_experts
     return int(E) if E else int(trace.topk_experts.max()) + 1
+
+
+# --- spans: a crop over positions (long sequences) ------------------------------------------------
+def span_bounds(span, seq_len: int) -> tuple[int, int]:
+    """(start, stop) trace columns of a crop: None (all), a slice (step 1) or a (start, stop) pair; negative
+    values count from the end as in Python. Anything else, or an empty / out-of-range span, is a ValueError."""
+    if span is None:
+        return 0, seq_len
+    if isinstance(span, slice):
+        if span.step not in (None, 1):
+            raise ValueError(f"span {span!r}: a slice with step 1 (or None) selects positions; got step {span.step}")
+        start, stop = span.start, span.stop
+    elif isinstance(span, (tuple, list)) and len(span) == 2:
+        start, stop = span
+    else:
+        raise ValueError(f"span must be None, a slice or a (start, stop) pair of positions, got {span!r}")
+    start = 0 if start is None else start
+    stop = seq_len if stop is None else stop
+    for name, v in (("start", start), ("stop", stop)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"span {name} must be an integer position, got {v!r}")
+    start, stop = int(start), int(stop)
+    start += seq_len if start < 0 else 0
+    stop += seq_len if stop < 0 else 0
+    if not 0 <= start < stop <= seq_len:
+        raise ValueError(f"span {span!r} must satisfy 0 <= start < stop <= {seq_len} (the trace's positions are "
+                         f"0..{seq_len - 1})")
+    return start, stop
+
+
+def span_positions(trace, batch: int = 0, span=None) -> np.ndarray:
+    """The real (non-padding) trace columns of row `batch` inside `span` (see `span_bounds`); at least one."""
+    _check_batch(trace, batch)
+    start, stop = span_bounds(span, trace.seq_len)
+    pos = _real_positions(trace, batch)
+    inside = pos[(pos >= start) & (pos < stop)]
+    if not inside.size:
+        raise ValueError(f"span {start}..{stop - 1} holds no real token of batch row {batch} (its real tokens are "
+                         f"positions {int(pos[0])}..{int(pos[-1])})" if pos.size else f"batch row {batch} is all padding")
+    return inside
+
+
+def chat_span(trace, batch: int = 0) -> tuple[int, int]:
+    """(start, stop) of a chat's last user message and everything after it (the assistant prompt and any
+    generated reply): from the last `<|im_start|>` followed by `user` to the last real token. This is what to
+    look at in a chat trace, whose default system prompt is most of the tokens. ValueError without a user turn."""
+    from .tokenizer import SPECIAL_TOKENS
+
+    _check_batch(trace, batch)
+    pos = _real_positions(trace, batch)
+    tokens = trace.tokens[batch]
+    ids = trace.input_ids[batch].tolist()
+    im_start = SPECIAL_TOKENS["<|im_start|>"]
+    start = None
+    for i, p in enumerate(pos[:-1]):
+        if (tokens[p] == "<|im_start|>" or ids[p] == im_start) and tokens[pos[i + 1]].strip() == "user":
+            start = int(p)
+    if start is None:
+        raise ValueError(f"batch row {batch} has no user turn (`<|im_start|>user`): chat_span needs a trace of a chat "
+                         "prompt (run the prompt as chat / with apply_chat_template)")
+    return start, int(pos[-1]) + 1
+
+
+def _span_note(trace, batch: int, positions: np.ndarray) -> str:
+    """' · positions a–b of n' when positions are a crop of the row's real tokens, else ''."""
+    n = int(trace.attention_mask[batch].sum())
+    return "" if len(positions) == n else f" · positions {int(positions[0])}–{int(positions[-1])} of {n} tokens"
 
 
 # --- expert usage --------------------------------------------------------------------------------
@@ -251,8 +324,9 @@ def _routing_hover(trace, batch: int, positions: np.ndarray) -> list[list[str]]:
     margin = np.full((L, len(positions)), np.nan)
     if trace.router_logits is not None:
         conf = router_confidence(trace.select(batch))
-        index = {p: i for i, p in enumerate(positions)}
-        rows = conf["position"].map(index).to_numpy()
+        index = {int(p): i for i, p in enumerate(positions)}
+        conf = conf[conf["position"].isin(index)]                        # a span: only its positions
+        rows = conf["position"].map(index).to_numpy(int)
         margin[conf["layer"].to_numpy(), rows] = conf["margin"].to_numpy()
     tokens = trace.tokens[batch]
     out = []
@@ -267,12 +341,22 @@ def _routing_hover(trace, batch: int, positions: np.ndarray) -> list[list[str]]:
     return out
 
 
-def routing_map(trace, batch: int = 0, layers: Sequence[int] | None = None) -> go.Figure:
+MAP_WINDOW = 64               # positions a routing map shows at first; the range slider pans over the rest
+CELL_TEXT_MIN_PX = 12         # cell width (px) from which the map writes the expert number in each cell
+
+
+def routing_map(trace, batch: int = 0, layers: Sequence[int] | None = None, span=None,
+                window: int | None = MAP_WINDOW, cell_text: bool | None = None) -> go.Figure:
     """Token routing map: position x layer cells coloured by each token's top-1 expert.
 
     One cell per (layer, real position) of batch row `batch`; hover shows the token, its top-k experts
     with their applied weights and the router margin p_(k) - p_(k+1) (from `analysis.router_confidence`).
     A dotted line marks where generated tokens start.
+
+    Long sequences: span crops to positions (a slice or (start, stop), e.g. `chat_span(trace)`: the user message
+    and the reply of a chat); window: with more positions than that, the map opens on the last `window` of
+    them with a range slider below to pan or widen the view (None: everything at once). cell_text: write the
+    expert number in each cell (None: when the cells of the opening view are at least CELL_TEXT_MIN_PX wide).
     """
     _check_routing(trace)
     _check_batch(trace, batch)
@@ -281,37 +365,59 @@ def routing_map(trace, batch: int = 0, layers: Sequence[int] | None = None) -> g
     bad = [l for l in layers if not 0 <= l < L]
     if bad or not layers:
         raise ValueError(f"layers {bad or layers} out of range [0, {L - 1}]")
-    pos = _real_positions(trace, batch)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be an integer >= 1 (positions shown at first) or None, got {window!r}")
+    if cell_text not in (None, True, False):
+        raise ValueError(f"cell_text must be True, False or None (automatic), got {cell_text!r}")
+    pos = span_positions(trace, batch, span)
     E = _n_experts(trace)
     top1 = trace.topk_experts[layers, batch][:, pos, 0].cpu().numpy().astype(float)      # [L_sel, n]
     hover = _routing_hover(trace, batch, pos)
+    shown = len(pos) if window is None else min(window, len(pos))
+    width = _width(160 + 24 * shown)
+    if cell_text is None:                   # the plot area is the figure less ~130 px of margins and labels
+        cell_text = ((width or FIT_WIDTH_GUESS) - 130) / shown >= CELL_TEXT_MIN_PX
+    text = dict(text=top1.astype(int).astype(str), texttemplate="%{text}",
+                textfont=dict(family=MONO)) if cell_text else {}        # font size: plotly fits it to the cell
     fig = go.Figure(go.Heatmap(
         z=top1, x=pos, y=layers, zmin=-0.5, zmax=E - 0.5, colorscale=_expert_colorscale(E),
-        hovertext=[hover[l] for l in layers], hoverinfo="text", xgap=1, ygap=1,
-        colorbar=dict(title=dict(text="top-1 expert"), tickmode="array", tickvals=list(range(E)),
-                      ticktext=[str(e) for e in range(E)], orientation="h", x=1.0, xanchor="right", y=1.01,
-                      yanchor="bottom", thickness=12, lenmode="pixels", len=min(26 * E, 640), outlinewidth=0)))
+        hovertext=[hover[l] for l in layers], hoverinfo="text", xgap=1, ygap=1, **text,
+        # the colorbar's title text must be "" (not unset, not text): any title on a horizontal colorbar makes
+        # plotly.js 4.1 draw the axis titles over their tick labels; the annotation below names the scale instead
+        colorbar=dict(title=dict(text=""), tickmode="array", tickvals=list(range(E)), ticktext=[str(e) for e in range(E)],
+                      orientation="h", x=1.0, xanchor="right", y=1.01, yanchor="bottom", thickness=12,
+                      lenmode="pixels", len=min(26 * E, 640), outlinewidth=0)))
+    fig.add_annotation(text="colour: top-1 expert (hover a cell for its top-k)", xref="paper", yref="paper",
+                       x=0, y=1.01, xanchor="left", yanchor="bottom", showarrow=False, font=dict(size=12, color="#555"))
     tokens = [trace.tokens[batch][p] for p in pos]
-    generated = 0 < trace.prompt_length <= pos.max() if pos.size else False
-    fig.update_xaxes(**_token_axis(list(pos), tokens, "position (grey: generated)" if generated else "position",
-                                   trace.prompt_length if generated else None))
-    fig.update_yaxes(title="layer", autorange="reversed", showgrid=False,
-                     tickmode="array" if len(layers) <= 48 else "auto", tickvals=layers)
-    if generated:
+    generated = 0 < trace.prompt_length <= pos.max()
+    axis = _token_axis(list(pos), tokens, "position (grey: generated)" if generated else "position",
+                       trace.prompt_length if generated else None, shown=shown)
+    windowed = shown < len(pos)
+    if windowed:
+        axis.update(range=[float(pos[-shown]) - 0.5, float(pos[-1]) + 0.5],
+                    rangeslider=dict(visible=True, thickness=0.07, bgcolor="#F3F5F8"))
+        axis["title"] = dict(text=axis["title"]["text"] + f" · showing {shown} of {len(pos)}: drag the slider "
+                                                          f"below to pan, its handles to zoom", standoff=axis["title"]["standoff"])
+    fig.update_xaxes(**axis)
+    fig.update_yaxes(title=dict(text="layer", standoff=AXIS_TITLE_STANDOFF), autorange="reversed", showgrid=False,
+                     automargin=True, tickmode="array" if len(layers) <= 48 else "auto", tickvals=layers)
+    if generated and trace.prompt_length > pos.min():
         fig.add_vline(x=trace.prompt_length - 0.5, line=dict(color="#222", dash="dot", width=2))
-    return _finish(fig, f"Token routing map: top-1 expert per layer and position (batch row {batch})",
-                   height=max(340, 200 + 22 * len(layers)), width=_width(160 + 24 * len(pos)),
+    return _finish(fig, f"Token routing map: top-1 expert per layer and position (batch row {batch}"
+                        f"{_span_note(trace, batch, pos)})",
+                   height=max(340, 200 + 22 * len(layers)) + (70 if windowed else 0), width=width,
                    margin=dict(l=70, r=30, t=100, b=60))
 
 
-def _routed_tokens(trace, layer: int, batch: int):
-    """(positions, tokens, top-1 experts, hover texts) of the real tokens of a row at a layer."""
+def _routed_tokens(trace, layer: int, batch: int, span=None):
+    """(positions, tokens, top-1 experts, hover texts) of the real tokens of a row (inside span) at a layer."""
     _check_routing(trace)
     _check_batch(trace, batch)
     L = trace.topk_experts.shape[0]
     if not isinstance(layer, int) or not 0 <= layer < L:
         raise ValueError(f"layer must be in [0, {L - 1}], got {layer!r}")
-    pos = _real_positions(trace, batch)
+    pos = span_positions(trace, batch, span)
     top1 = trace.topk_experts[layer, batch, pos, 0].cpu().numpy()
     hover = _routing_hover(trace, batch, pos)[layer]
     return pos, [trace.tokens[batch][p] for p in pos], top1, hover
@@ -325,10 +431,10 @@ def _display_text(token: str) -> str:
     return token.replace("\t", "⇥").replace("\r", "␍").replace("\n", "↵\n")
 
 
-def routed_text_html(trace, layer: int, batch: int = 0) -> str:
+def routed_text_html(trace, layer: int, batch: int = 0, span=None) -> str:
     """The text of a row, each token on the colour of its top-1 expert at `layer` (HTML for ipywidgets.HTML
-    or a report); hovering a token shows its top-k experts, weights and margin."""
-    pos, tokens, top1, hover = _routed_tokens(trace, layer, batch)
+    or a report); hovering a token shows its top-k experts, weights and margin. span: only those positions."""
+    pos, tokens, top1, hover = _routed_tokens(trace, layer, batch, span)
     spans = []
     for p, tok, e, h in zip(pos, tokens, top1, hover):
         color = expert_color(int(e))
@@ -345,7 +451,8 @@ def routed_text_html(trace, layer: int, batch: int = 0) -> str:
             f'<style>.dbrx-routed-text .tok{{white-space:pre-wrap;padding:2px 1px;margin:0 1px;border-radius:3px}}'
             f'.dbrx-routed-text .gen{{text-decoration:underline dotted;text-underline-offset:4px}}</style>'
             f'<div style="font-family:sans-serif;font-size:12px;color:#555;margin-bottom:6px">top-1 expert at '
-            f'layer {layer} (batch row {batch}{generated}) · experts: {legend}</div>' + "".join(spans) + "</div>")
+            f'layer {layer} (batch row {batch}{html.escape(_span_note(trace, batch, pos))}{generated}) · experts: '
+            f'{legend}</div>' + "".join(spans) + "</div>")
 
 
 def routed_text(trace, layer: int, batch: int = 0, width: int = 80) -> go.Figure:
@@ -384,24 +491,28 @@ def routed_text(trace, layer: int, batch: int = 0, width: int = 80) -> go.Figure
 
 
 # --- attention -----------------------------------------------------------------------------------
-def attention_pattern(trace, layer: int, batch: int, max_tokens: int | None = None):
-    """(pattern [H_sel, Q, K] of real queries/keys, heads, query positions, key positions); with max_tokens,
-    only the last max_tokens real tokens (as queries and as keys)."""
+def attention_pattern(trace, layer: int, batch: int, max_tokens: int | None = None, span=None):
+    """(pattern [H_sel, Q, K] of real queries/keys, heads, query positions, key positions); span: only the
+    positions inside it (a slice or (start, stop), see `span_bounds`), as queries and as keys; with max_tokens,
+    only the last max_tokens of those. Keys outside the crop are left out, so a row may sum to less than 1."""
     if layer not in trace.attention:
         raise ValueError(f"no attention recorded for layer {layer}; recorded layers: {sorted(trace.attention)} "
                          f"(record it with Record(attention=[{layer}]))")
     _check_batch(trace, batch)
     real = trace.attention_mask[batch].cpu().numpy()
-    keys = np.flatnonzero(real)
-    if not keys.size:
+    if not real.any():
         raise ValueError(f"batch row {batch} has no real tokens")
+    keys = span_positions(trace, batch, span)
     if max_tokens is not None:
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r}")
         keys = keys[-max_tokens:]
     queries = (np.arange(trace.seq_len) if trace.attention_query_positions is None
                else np.asarray(trace.attention_query_positions))
-    rows = np.flatnonzero(real[queries] & (queries >= keys[0]))
+    rows = np.flatnonzero(real[queries] & (queries >= keys[0]) & (queries <= keys[-1]))
+    if not rows.size:
+        raise ValueError(f"no recorded query position lies in {int(keys[0])}..{int(keys[-1])} (recorded query "
+                         f"positions: {queries.tolist()})")
     pattern = trace.attention[layer][batch].float().cpu().numpy()[:, rows][:, :, keys]   # [H_sel, Q, K]
     heads = list(trace.attention_heads.get(layer, range(pattern.shape[0])))
     return pattern, heads, queries[rows], keys
@@ -409,7 +520,12 @@ def attention_pattern(trace, layer: int, batch: int, max_tokens: int | None = No
 
 def _shown(trace, batch: int, kpos: np.ndarray) -> str:
     n = int(trace.attention_mask[batch].sum())
-    return f"{n} tokens" if len(kpos) == n else f"last {len(kpos)} of {n} tokens"
+    last = int(np.flatnonzero(trace.attention_mask[batch].cpu().numpy())[-1])
+    if len(kpos) == n:
+        return f"{n} tokens"
+    if int(kpos[-1]) == last and len(kpos) == int((_real_positions(trace, batch) >= kpos[0]).sum()):
+        return f"last {len(kpos)} of {n} tokens"
+    return f"positions {int(kpos[0])}–{int(kpos[-1])} of {n} tokens"
 
 
 def _position_labels(trace, batch: int, positions: np.ndarray) -> list[str]:
@@ -426,17 +542,21 @@ def _attention_trace(trace, batch: int, a: np.ndarray, qpos, kpos, head: int, **
                       **kwargs)
 
 
-def attention_heatmap(trace, layer: int, head: int, batch: int = 0, max_tokens: int | None = None) -> go.Figure:
-    """Attention pattern of one head: query x key, labelled "token·position", real tokens only (with
-    max_tokens: the last max_tokens of them). Values are the recorded weights (0 above the diagonal)."""
-    pattern, heads, qpos, kpos = attention_pattern(trace, layer, batch, max_tokens)
+def attention_heatmap(trace, layer: int, head: int, batch: int = 0, max_tokens: int | None = None,
+                      span=None) -> go.Figure:
+    """Attention pattern of one head: query x key, labelled "token·position", real tokens only (span: those
+    inside it, e.g. `chat_span(trace)`; max_tokens: the last max_tokens of them). Values are the recorded
+    weights (0 above the diagonal)."""
+    pattern, heads, qpos, kpos = attention_pattern(trace, layer, batch, max_tokens, span)
     if head not in heads:
         raise ValueError(f"head {head} not recorded at layer {layer}; recorded heads: {heads}")
     fig = go.Figure(_attention_trace(trace, batch, pattern[heads.index(head)], qpos, kpos, head, zmin=0, zmax=1,
                                      colorscale=SEQUENTIAL, colorbar=dict(title=dict(text="attention<br>weight"))))
     ticks = dict(tickfont=dict(family=MONO, size=11), showgrid=False, type="category")
-    fig.update_xaxes(title="key (token·position)", tickangle=-60 if len(kpos) > 6 else 0, **ticks)
-    fig.update_yaxes(title="query (token·position)", autorange="reversed", **ticks)
+    fig.update_xaxes(title=dict(text="key (token·position)", standoff=AXIS_TITLE_STANDOFF), automargin=True,
+                     tickangle=-60 if len(kpos) > 6 else 0, **ticks)
+    fig.update_yaxes(title=dict(text="query (token·position)", standoff=AXIS_TITLE_STANDOFF), automargin=True,
+                     autorange="reversed", **ticks)
     side = max(420, min(900, 220 + 24 * len(kpos)))
     return _finish(fig, f"Attention pattern: layer {layer}, head {head} (batch row {batch}, "
                         f"{_shown(trace, batch, kpos)})",
@@ -444,10 +564,11 @@ def attention_heatmap(trace, layer: int, head: int, batch: int = 0, max_tokens: 
 
 
 def attention_grid(trace, layer: int, batch: int = 0, cols: int | None = None,
-                   max_tokens: int | None = None) -> go.Figure:
+                   max_tokens: int | None = None, span=None) -> go.Figure:
     """Every recorded head of a layer side by side (one shared colour scale 0..1); hover names the tokens.
-    max_tokens: show only the last max_tokens real tokens (a grid holds heads x tokens^2 cells)."""
-    pattern, heads, qpos, kpos = attention_pattern(trace, layer, batch, max_tokens)
+    span / max_tokens: show only the positions inside span / the last max_tokens real tokens (a grid holds
+    heads x tokens^2 cells)."""
+    pattern, heads, qpos, kpos = attention_pattern(trace, layer, batch, max_tokens, span)
     H = len(heads)
     cols = cols or min(H, 4 if H <= 16 else 8)
     rows = math.ceil(H / cols)

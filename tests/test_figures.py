@@ -431,3 +431,101 @@ def test_quote_tokens_are_escaped_once_on_plotly_axes(trace):
     hm = figures.attention_heatmap(tr, 1, 0, batch=0).data[0]
     assert list(hm.x)[:4] == ['"""·0', "␣'·1", "a&amp;b·2", "&lt;b&gt;·3"]
     assert not any("&quot;" in s or "&#x27;" in s or "&amp;amp;" in s for s in ticks + list(hm.x))
+
+
+# --- long sequences: span crop, window, cell text, chat span (issue #22 items 6 and 7) -------------
+def _long_trace(tokens: list[str], layers: int = 3, seed: int = 1) -> Trace:
+    """A one-row trace of the given tokens with random routing (router logits consistent with the top-k)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(layers, 1, len(tokens), E, generator=g)
+    return Trace.from_routing(logits.topk(K, dim=-1).indices, router_logits=logits, tokens=[tokens])
+
+
+CHAT = (["<|im_start|>", "system", "\\n"] + [f" s{i}" for i in range(190)] + ["<|im_end|>", "\\n", "<|im_start|>",
+        "user", "\\n", "What", " is", " 2", "+", "2", "?", "<|im_end|>", "\\n", "<|im_start|>", "assistant", "\\n",
+        "4", ".", "<|im_end|>"])
+
+
+def test_chat_span_is_the_last_user_turn_and_the_reply():
+    tr = _long_trace(CHAT)
+    start, stop = figures.chat_span(tr)
+    assert (CHAT[start], CHAT[start + 1]) == ("<|im_start|>", "user")
+    assert stop == len(CHAT)
+    two_turns = CHAT[:-1] + ["\\n", "<|im_start|>", "user", "\\n", "again", "<|im_end|>"]
+    assert figures.chat_span(_long_trace(two_turns))[0] == len(CHAT)                  # the last user turn
+    with pytest.raises(ValueError, match="no user turn"):
+        figures.chat_span(_long_trace(["plain", " text"]))
+
+
+def test_routing_map_span_crops_positions_and_hover(trace):
+    fig = figures.routing_map(trace, span=(2, 5))
+    hm = fig.data[0]
+    assert list(hm.x) == [2, 3, 4]
+    np.testing.assert_array_equal(np.asarray(hm.z), trace.topk_experts[:, 0, 2:5, 0].numpy())
+    assert "position 3" in hm.hovertext[0][1] and "positions 2–4 of 6" in fig.layout.title.text
+    assert list(figures.routing_map(trace, span=slice(-2, None)).data[0].x) == [4, 5]
+    assert list(figures.routing_map(trace, batch=1, span=(0, 3)).data[0].x) == [2]     # padding never drawn
+    for bad, msg in [((4, 2), r"0 <= start < stop <= 6"), ((0, 7), r"<= 6"), (slice(0, 4, 2), "step"),
+                     ("all", "slice or a"), ((0.5, 3), "integer"), ((0, 2), "no real token")]:
+        with pytest.raises(ValueError, match=msg):
+            figures.routing_map(trace, batch=1 if msg == "no real token" else 0, span=bad)
+
+
+def test_routing_map_windows_long_sequences_with_a_range_slider():
+    tr = _long_trace(CHAT)
+    n = len(CHAT)
+    fig = figures.routing_map(tr)                                      # window=64 by default
+    axis = fig.layout.xaxis
+    assert axis.rangeslider.visible and tuple(axis.range) == (n - 64 - 0.5, n - 0.5)
+    assert len(fig.data[0].x) == n                                     # every position is there, to pan to
+    assert all(v in axis.tickvals for v in range(n - 64, n))           # the opening view is fully labelled
+    assert "showing 64 of" in axis.title.text
+    whole = figures.routing_map(tr, window=None)
+    assert not whole.layout.xaxis.rangeslider.visible and whole.layout.xaxis.range is None
+    short = figures.routing_map(tr, span=figures.chat_span(tr))         # fits: no slider
+    assert short.layout.xaxis.range is None and not short.layout.xaxis.rangeslider.visible
+    with pytest.raises(ValueError, match="window"):
+        figures.routing_map(tr, window=0)
+
+
+def test_routing_map_cells_show_the_expert_number_where_it_fits(trace):
+    hm = figures.routing_map(trace).data[0]                            # 6 positions: wide cells
+    assert hm.texttemplate == "%{text}"
+    np.testing.assert_array_equal(np.asarray(hm.text).astype(int), trace.topk_experts[:, 0, :, 0].numpy())
+    dense = figures.routing_map(_long_trace(CHAT), window=None).data[0]  # 200+ positions in one view
+    assert dense.texttemplate is None and dense.text is None
+    assert figures.routing_map(trace, cell_text=False).data[0].texttemplate is None
+    with pytest.raises(ValueError, match="cell_text"):
+        figures.routing_map(trace, cell_text="yes")
+
+
+def test_routing_map_axis_titles_stand_off_their_labels(trace):
+    """Issue #22 item 6: titles never overlap tick labels. plotly.js 4.1 places an axis title over the labels
+    whenever a horizontal colorbar has any title (even unset), so the colorbar's title must be exactly ""
+    (the browser test measures the rendered boxes)."""
+    for fig in (figures.routing_map(trace), figures.routing_map(_long_trace(CHAT))):
+        for axis in (fig.layout.xaxis, fig.layout.yaxis):
+            assert axis.automargin and axis.title.standoff >= 10
+        assert fig.data[0].colorbar.title.text == ""
+        assert any("top-1 expert" in a.text for a in fig.layout.annotations)
+    fig = figures.attention_heatmap(trace, 1, 0)
+    assert fig.layout.xaxis.automargin and fig.layout.yaxis.automargin and fig.layout.xaxis.title.standoff >= 10
+
+
+def test_routed_text_html_span(trace):
+    page = figures.routed_text_html(trace, layer=0, span=(3, 6))
+    assert re.findall(r'data-position="(\d+)"', page) == ["3", "4", "5"]
+    assert "positions 3–5 of 6" in page
+
+
+def test_attention_span_crops_queries_and_keys(trace):
+    fig = figures.attention_heatmap(trace, 1, 3, span=(1, 4))
+    hm = fig.data[0]
+    np.testing.assert_allclose(np.asarray(hm.z), trace.attention[1][0, 1, 1:4, 1:4].numpy(), rtol=1e-6)
+    assert list(hm.y) == ["␣cat·1", "↵·2", "␣the·3"] and "positions 1–3 of 6" in fig.layout.title.text
+    grid = figures.attention_grid(trace, 1, batch=1, span=(0, 4))                  # row 1: real from 2
+    np.testing.assert_allclose(np.asarray(grid.data[0].z), trace.attention[1][1, 0, 2:4, 2:4].numpy(), rtol=1e-6)
+    pattern, heads, q, k = figures.attention_pattern(trace, 1, 0, max_tokens=2, span=(0, 5))
+    assert list(k) == [3, 4] and list(q) == [3, 4]
+    with pytest.raises(ValueError, match=r"0 <= start < stop <= 6"):
+        figures.attention_heatmap(trace, 1, 0, span=(5, 9))
