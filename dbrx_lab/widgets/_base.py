@@ -298,9 +298,17 @@ class LabWidget:
             kinds[:0] = ["csv", "parquet"]
         # a trace: the widget keeps one (maybe set later, by Run), or its own export_trace gives one now
         if hasattr(self, "trace") or (type(self).export_trace is not LabWidget.export_trace
-                                      and self.export_trace() is not None):
+                                      and self._trace_now() is not False):
             kinds.insert(len(kinds) - 1, "trace")
         return kinds
+
+    def _trace_now(self):
+        """export_trace() while the widget is being built: False for "no trace"; a half-built widget whose
+        export_trace fails yet is given the button (a click reports what is missing)."""
+        try:
+            return self.export_trace() is not None
+        except Exception:  # noqa: BLE001 - decided again, with a clear error, on click
+            return True
 
     def export_bar(self) -> W.HBox:
         """Buttons that write the current view's data (CSV, Parquet), trace and figure (standalone HTML) with
