@@ -143,6 +143,10 @@ class AblationLab(LabWidget):
         self.top_p = W.FloatSlider(value=top_p or 1.0, min=0.05, max=1.0, step=0.05, description="top-p",
                                    continuous_update=False)
         self.seed = W.IntText(value=seed, description="seed", layout=W.Layout(width="170px"))
+        for w, name in ((self.chat, "chat"), (self.mode, "mode"), (self.max_new_tokens, "new-tokens"),
+                        (self.do_sample, "sample"), (self.temperature, "temperature"), (self.top_k, "top-k"),
+                        (self.top_p, "top-p"), (self.seed, "seed")):
+            w.add_class(f"dbrx-{name}")                 # stable handles for the browser test
         self.generate_button = W.Button(description="Generate", button_style="primary", icon="play",
                                         layout=W.Layout(width="120px"))
         self.generate_button.add_class("dbrx-generate")
