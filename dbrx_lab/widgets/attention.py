@@ -9,6 +9,7 @@ import numpy as np
 from .. import figures
 from ..trace import Record
 from ._base import SELECTED, ClickableFigure, PromptTraceWidget, clicked_position, token_html
+from ._span import SpanControl
 
 __all__ = ["AttentionExplorer"]
 
@@ -20,8 +21,9 @@ class AttentionExplorer(PromptTraceWidget):
     attention row of a query token (click a row of the pattern or a head in the grid, or pick the token).
 
     model: a DbrxLM (None: show `trace` only); trace: a Trace with attention recorded; layers: the layers to
-    record when running (None: all); max_tokens: draw only the last max_tokens tokens (long prompts).
-    State: `trace`, `layer_index`, `head_index`, `query` (selected query column).
+    record when running (None: all); max_tokens: draw only the last max_tokens tokens (long prompts). The span
+    control crops queries and keys to all tokens, a chat's user message + reply (the default for a chat) or a
+    range. State: `trace`, `layer_index`, `head_index`, `query` (selected query column), `span.value`.
     """
 
     def __init__(self, model=None, prompt: str = DEFAULT_PROMPT, trace=None, batch: int = 0, layers=None,
@@ -36,6 +38,9 @@ class AttentionExplorer(PromptTraceWidget):
         self.layer = W.Dropdown(description="layer", options=[], layout=W.Layout(width="160px"))
         self.head = W.Dropdown(description="head", options=[], layout=W.Layout(width="160px"))
         self.token = W.Dropdown(description="query", options=[], layout=W.Layout(width="280px"))
+        for w, name in ((self.layer, "layer"), (self.head, "head"), (self.token, "query")):
+            w.add_class(f"dbrx-{name}")
+        self.span = SpanControl(self, self._render_layer)
         self.grid = ClickableFigure("attention-grid", self._on_grid_click)
         self.pattern = ClickableFigure("attention-head", self._on_pattern_click)
         self.row = W.HTML()
@@ -50,7 +55,7 @@ class AttentionExplorer(PromptTraceWidget):
             "All heads of a layer (click one), the selected head's pattern (click a query row) and what that "
             "query token attends to.",
             prompt_row,
-            W.HBox([self.layer, self.head, self.token], layout=W.Layout(flex_flow="row wrap")),
+            W.HBox([self.layer, self.head, self.token, self.span.widget], layout=W.Layout(flex_flow="row wrap")),
             self.grid.widget,
             W.HBox([self.pattern.widget,
                     W.VBox([W.HTML('<div class="dbrx-section">attention row of the query token</div>'), self.row],
@@ -86,12 +91,26 @@ class AttentionExplorer(PromptTraceWidget):
         if not 0 <= self.batch < trace.batch_size:
             raise ValueError(f"batch must be in [0, {trace.batch_size - 1}], got {self.batch}")
         self.trace = trace
+        self.span.reset(trace, self.batch)
         layers = sorted(trace.attention)
         keep = self.layer.value if self.layer.value in layers else layers[0]
         with self._quietly():
             self.layer.options = [(f"layer {l}", l) for l in layers]
             self.layer.value = keep
         self._render_layer()
+
+    def set_span(self, span) -> None:
+        """Show only some positions (as queries and keys): None / "all", "chat" (the user message and the reply
+        of a chat trace) or (start, stop) trace columns (stop exclusive)."""
+        if self.trace is None:
+            raise ValueError("no trace yet: run a prompt or pass trace=")
+        self.span.set(span)
+        self._render_layer()
+
+    def _pattern(self, layer: int | None = None):
+        """figures.attention_pattern of the shown row at `layer` (default: the current one), cropped as shown."""
+        return figures.attention_pattern(self.trace, self.layer.value if layer is None else layer, self.batch,
+                                         self.max_tokens, self.span.value)
 
     def select(self, head: int | None = None, query: int | None = None) -> None:
         """Select a head of the current layer and/or a query token column."""
@@ -136,8 +155,9 @@ class AttentionExplorer(PromptTraceWidget):
         t, layer = self.trace, self.layer.value
         if t is None or layer is None:
             return
-        self.grid.show(figures.attention_grid(t, layer, batch=self.batch, max_tokens=self.max_tokens), fit=True)
-        pattern, heads, queries, _ = figures.attention_pattern(t, layer, self.batch, self.max_tokens)
+        self.grid.show(figures.attention_grid(t, layer, batch=self.batch, max_tokens=self.max_tokens,
+                                              span=self.span.value), fit=True)
+        pattern, heads, queries, _ = self._pattern()
         tokens = t.tokens[self.batch]
         keep_head = self.head.value if self.head.value in heads else heads[0]
         if self.query not in queries:
@@ -154,21 +174,23 @@ class AttentionExplorer(PromptTraceWidget):
         if t is None or self.head.value is None:
             return
         self.pattern.show(figures.attention_heatmap(t, self.layer.value, self.head.value, batch=self.batch,
-                                                    max_tokens=self.max_tokens))
+                                                    max_tokens=self.max_tokens, span=self.span.value))
         self._render_row()
 
     def _render_row(self) -> None:
         if self.trace is None or self.query is None or self.head.value is None:
             return
         q = self.query
-        first_key = int(figures.attention_pattern(self.trace, self.layer.value, self.batch, self.max_tokens)[3][0])
-        self.pattern.mark(dict(type="rect", x0=first_key - 0.5, x1=q + 0.5, y0=q - 0.5, y1=q + 0.5,
+        _, _, queries, keys = self._pattern()
+        # the pattern's axes are categories: shapes are placed by category index, not by position
+        row, last_key = list(queries).index(q), int(np.searchsorted(keys, q, side="right")) - 1
+        self.pattern.mark(dict(type="rect", x0=-0.5, x1=last_key + 0.5, y0=row - 0.5, y1=row + 0.5,
                                line=dict(color=SELECTED, width=3)))
         self.row.value = self.row_html(self.layer.value, self.head.value, q)
 
     def row_html(self, layer: int, head: int, query: int) -> str:
         """The tokens up to the query, each shaded by the attention weight the query gives it."""
-        pattern, heads, queries, keys = figures.attention_pattern(self.trace, layer, self.batch, self.max_tokens)
+        pattern, heads, queries, keys = self._pattern(layer)
         a = pattern[heads.index(head), list(queries).index(query)]                 # [K]
         tokens = self.trace.tokens[self.batch]
         peak = float(a.max()) if a.size and a.max() > 0 else 1.0
@@ -187,6 +209,27 @@ class AttentionExplorer(PromptTraceWidget):
         return (f'<div style="font-size:12px;color:#555;margin-bottom:6px">layer {layer} · head {head} · query '
                 f'{query} <b>{token_html(tokens[query])}</b> attends most to {best}</div>'
                 f'<div class="dbrx-attn-row" style="line-height:2">{"".join(spans)}</div>')
+
+    # --- export ------------------------------------------------------------------------------------------
+    def export_table(self):
+        """The selected head's pattern as shown (current layer, head and span): one row per (query_pos, key_pos)
+        with the attention weight; keys after the query (weight 0 under the causal mask) are left out."""
+        import pandas as pd
+
+        if self.trace is None or self.head.value is None:
+            raise ValueError("nothing to export yet: run a prompt or pass trace=")
+        pattern, heads, queries, keys = self._pattern()
+        a = pattern[heads.index(self.head.value)]                                    # [Q, K]
+        q, k = np.meshgrid(queries, keys, indexing="ij")
+        causal = k <= q
+        tokens = self.trace.tokens[self.batch]
+        return pd.DataFrame({"layer": self.layer.value, "head": self.head.value, "query_pos": q[causal],
+                             "query_token": [tokens[i] for i in q[causal]], "key_pos": k[causal],
+                             "key_token": [tokens[i] for i in k[causal]], "weight": a[causal]})
+
+    def export_figure(self):
+        """The selected head's pattern on show (None before a trace is shown)."""
+        return self.pattern.figure
 
     def __repr__(self) -> str:
         return (f"AttentionExplorer(trace={self.trace!r}, layer={self.layer.value}, head={self.head.value}, "

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import ipywidgets as W
-import numpy as np
 
 from .. import analysis, figures
 from ..trace import Record
 from ._base import SELECTED, ClickableFigure, PromptTraceWidget, clicked_position, expert_chip, token_html
+from ._span import SpanControl
 
 __all__ = ["RoutingExplorer"]
 
@@ -14,11 +14,14 @@ DEFAULT_PROMPT = "def add(a, b):\n    return a + b\n\nThe cat sat on the mat."
 
 
 class RoutingExplorer(PromptTraceWidget):
-    """Prompt box and Run (or an existing trace), a layer slider, a top-1 / top-k toggle; click a cell of the
-    routing map (or pick a token) to see that token's path through the layers with weights and margins.
+    """Prompt box and Run (or an existing trace), a layer slider, a top-1 / top-k toggle, a span control; click a
+    cell of the routing map (or pick a token) to see that token's path through the layers with weights and
+    margins. Long sequences: the map opens on a window with a range slider; the span control crops the map, the
+    text and the token list to all tokens, a chat's user message + reply (the default for a chat) or a range.
 
     model: a DbrxLM (None: show `trace` only); trace: a Trace with routing (shown instead of running);
-    batch: the trace row to show. State: `trace`, `position` (selected token column), `layer`, `view`.
+    batch: the trace row to show. State: `trace`, `position` (selected token column), `layer`, `view`,
+    `span.value` (None or (start, stop)).
     """
 
     def __init__(self, model=None, prompt: str = DEFAULT_PROMPT, trace=None, batch: int = 0, chat: bool = False,
@@ -36,6 +39,8 @@ class RoutingExplorer(PromptTraceWidget):
                                     tooltips=["only the highest-weighted expert", "all chosen experts"],
                                     style=W.ToggleButtonsStyle(button_width="64px"))
         self.token = W.Dropdown(description="token", options=[], layout=W.Layout(width="280px"))
+        self.token.add_class("dbrx-token")
+        self.span = SpanControl(self, self._on_span)
         self.map = ClickableFigure("routing-map", self._on_map_click)
         self.text = W.HTML()
         self.text.add_class("dbrx-routed-text")
@@ -46,8 +51,10 @@ class RoutingExplorer(PromptTraceWidget):
         self._observe(self.view, lambda _: self._render_path(), "view")
         self._observe(self.token, self._on_token, "token")
 
-        controls = W.HBox([self.layer, self.view, self.token], layout=W.Layout(align_items="center",
-                                                                             flex_flow="row wrap"))
+        self.layer.add_class("dbrx-layer")
+        self.view.add_class("dbrx-view")
+        controls = W.HBox([self.layer, self.view, self.token, self.span.widget],
+                          layout=W.Layout(align_items="center", flex_flow="row wrap"))
         lower = W.HBox([W.VBox([W.HTML('<div class="dbrx-section">text at this layer (top-1 expert)</div>'),
                                 self.text], layout=W.Layout(width="50%", padding="0 12px 0 0")),
                         W.VBox([W.HTML('<div class="dbrx-section">path of the selected token</div>'), self.path],
@@ -78,21 +85,41 @@ class RoutingExplorer(PromptTraceWidget):
         self.trace = trace
         self._confidence = (analysis.router_confidence(trace.select(self.batch))
                             if trace.router_logits is not None else None)
-        real = np.flatnonzero(trace.attention_mask[self.batch].numpy())
-        tokens = trace.tokens[self.batch]
         self.position = None
+        self.span.reset(trace, self.batch)
         with self._quietly():
-            self.token.options = [(f"{p}: {figures.readable_token(tokens[p], 20)}", int(p)) for p in real]
             self.layer.max = trace.n_layers - 1
             self.layer.value = min(self.layer.value, trace.n_layers - 1)
-        self.map.show(figures.routing_map(trace, batch=self.batch))
-        self.select(int(real[-1]), self.layer.value)
+        self._show_span()
+
+    def set_span(self, span) -> None:
+        """Show only some positions: None / "all", "chat" (the user message and the reply of a chat trace) or
+        (start, stop) trace columns (stop exclusive)."""
+        if self.trace is None:
+            raise ValueError("no trace yet: run a prompt or pass trace=")
+        self.span.set(span)
+        self._show_span()
+
+    def _on_span(self) -> None:
+        self._show_span()
+
+    def _show_span(self) -> None:
+        """Redraw the map and the token list for the current span; keeps the selected token if it is inside."""
+        t = self.trace
+        positions = figures.span_positions(t, self.batch, self.span.value)
+        tokens = t.tokens[self.batch]
+        with self._quietly():
+            self.token.options = [(f"{p}: {figures.readable_token(tokens[p], 20)}", int(p)) for p in positions]
+        self.map.show(figures.routing_map(t, batch=self.batch, span=self.span.value))
+        keep = self.position if self.position in positions else int(positions[-1])
+        self.select(keep, self.layer.value)
 
     def select(self, position: int, layer: int | None = None) -> None:
         """Select a token (trace column) and optionally a layer."""
         real = [p for _, p in self.token.options]
         if position not in real:
-            raise ValueError(f"position must be a real token column of row {self.batch}: {real[0]}..{real[-1]}")
+            raise ValueError(f"position must be a real token column of row {self.batch} in the span shown: "
+                             f"{real[0]}..{real[-1]}, got {position}")
         if layer is not None:
             if not 0 <= layer < self.trace.n_layers:
                 raise ValueError(f"layer must be in [0, {self.trace.n_layers - 1}], got {layer}")
@@ -115,7 +142,7 @@ class RoutingExplorer(PromptTraceWidget):
     def _render_layer(self) -> None:
         if self.trace is None:
             return
-        self.text.value = figures.routed_text_html(self.trace, self.layer.value, batch=self.batch)
+        self.text.value = figures.routed_text_html(self.trace, self.layer.value, batch=self.batch, span=self.span.value)
         if self.position is not None:
             p, l = self.position, self.layer.value
             self.map.mark(dict(type="rect", x0=p - 0.5, x1=p + 0.5, y0=-0.5, y1=self.trace.n_layers - 0.5,
@@ -168,6 +195,21 @@ class RoutingExplorer(PromptTraceWidget):
                 + ("top-1 expert (width = weight)" if top1_only else f"top-{experts.shape[1]} experts (width = weight)")
                 + '</th><th title="p(k) - p(k+1): how close the runner-up came">margin</th><th>runner-up</th></tr>'
                 + "".join(rows) + "</table>")
+
+    # --- export ------------------------------------------------------------------------------------------
+    def export_table(self):
+        """The routing on show: one row per (position, layer, rank) of the shown row inside the span, with the
+        token, expert, applied weight, router probability and logit (`Trace.to_frame` columns)."""
+        if self.trace is None:
+            raise ValueError("nothing to export yet: run a prompt or pass trace=")
+        positions = figures.span_positions(self.trace, self.batch, self.span.value)
+        df = self.trace.to_frame()
+        df = df[(df["batch"] == self.batch) & df["position"].isin(positions)]
+        return df.reset_index(drop=True)
+
+    def export_figure(self):
+        """The routing map on show (None before a trace is shown)."""
+        return self.map.figure
 
     def __repr__(self) -> str:
         return f"RoutingExplorer(trace={self.trace!r}, layer={self.layer.value}, position={self.position})"
