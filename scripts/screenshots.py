@@ -174,13 +174,14 @@ def shoot_card_browser(page):
     return box
 
 
-# name (docs/img/<name>.png), notebook, function returning the widget's locator once it shows what to show
+# name (docs/img/<name>.png), notebook, function returning the widget's locator once it shows what to show,
+# the picture's largest height in pixels (the top of a taller widget)
 SHOTS = [
-    ("routing_explorer", "01_quickstart.ipynb", shoot_routing_explorer),
-    ("expert_usage_dashboard", "02_expert_routing.ipynb", shoot_dashboard),
-    ("attention_explorer", "03_attention_maps.ipynb", shoot_attention),
-    ("ablation_lab", "04_ablation_lab.ipynb", shoot_ablation),
-    ("card_browser", "08_expert_cards.ipynb", shoot_card_browser),
+    ("routing_explorer", "01_quickstart.ipynb", shoot_routing_explorer, 2000),
+    ("expert_usage_dashboard", "02_expert_routing.ipynb", shoot_dashboard, 2000),
+    ("attention_explorer", "03_attention_maps.ipynb", shoot_attention, 2000),
+    ("ablation_lab", "04_ablation_lab.ipynb", shoot_ablation, 2000),
+    ("card_browser", "08_expert_cards.ipynb", shoot_card_browser, 1250),
 ]
 
 
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [s for s in SHOTS if not opts.only or s[0] in opts.only]
     with Lab() as lab, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        for name, notebook, shoot in todo:
+        for name, notebook, shoot, max_height in todo:
             start = time.perf_counter()
             context = browser.new_context(viewport={"width": 1280, "height": 2400}, device_scale_factor=1)
             page = context.new_page()
@@ -210,9 +211,12 @@ def main(argv: list[str] | None = None) -> int:
                 box = shoot(page)
                 if box.locator(".dbrx-error-box").count():
                     raise RuntimeError(f"{name}: the widget shows an error: {box.locator('.dbrx-error-box').inner_text()}")
-                box.scroll_into_view_if_needed()
                 path = opts.out / f"{name}.png"
-                box.screenshot(path=str(path))
+                box.evaluate("e => e.scrollIntoView({block: 'start'})")
+                page.wait_for_timeout(500)
+                b = box.bounding_box()           # JupyterLab scrolls inside its panel: viewport = page coordinates
+                page.screenshot(path=str(path), clip={"x": b["x"], "y": b["y"], "width": b["width"],
+                                                      "height": min(b["height"], max_height, 2400 - b["y"])})
                 print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} "
                       f"({notebook}, {time.perf_counter() - start:.0f} s)", flush=True)
             finally:
