@@ -42,7 +42,9 @@ __all__ = ["LabWidget", "PromptTraceWidget", "FigurePane", "ClickableFigure", "p
 # what the export bar writes: kind -> (file suffix, MIME type of the download link, button label)
 EXPORT_KINDS = {"csv": (".csv", "text/csv", "CSV"), "parquet": (".parquet", "application/vnd.apache.parquet", "Parquet"),
                 "trace": (".safetensors", "application/octet-stream", "Trace"), "html": (".html", "text/html", "HTML")}
-DOWNLOAD_LIMIT = 8 << 20      # bytes: files up to this size also get a download link (a data: URI in the page)
+# files up to this size also get a download link: a data: URI in the widget's state (kept small: the state
+# travels to the browser and may be saved in the notebook; a standalone HTML page, ~4.7 MB, gets none)
+DOWNLOAD_LIMIT = 2 << 20
 
 ACCENT = "#2F3E55"
 SELECTED = "#CA0020"          # outline of the selected cell / row in clickable figures
