@@ -387,8 +387,8 @@ def routing_map(trace, batch: int = 0, layers: Sequence[int] | None = None, span
         colorbar=dict(title=dict(text=""), tickmode="array", tickvals=list(range(E)), ticktext=[str(e) for e in range(E)],
                       orientation="h", x=1.0, xanchor="right", y=1.01, yanchor="bottom", thickness=12,
                       lenmode="pixels", len=min(26 * E, 640), outlinewidth=0)))
-    fig.add_annotation(text="colour: top-1 expert (hover a cell for its top-k)", xref="paper", yref="paper",
-                       x=0, y=1.01, xanchor="left", yanchor="bottom", showarrow=False, font=dict(size=12, color="#555"))
+    fig.add_annotation(text="top-1 expert", xref="paper", yref="paper", x=1.0, xshift=-min(26 * E, 640) - 6, y=1.01,
+                       yshift=10, xanchor="right", yanchor="bottom", showarrow=False, font=dict(size=12, color="#444"))
     tokens = [trace.tokens[batch][p] for p in pos]
     generated = 0 < trace.prompt_length <= pos.max()
     axis = _token_axis(list(pos), tokens, "position (grey: generated)" if generated else "position",
@@ -404,10 +404,11 @@ def routing_map(trace, batch: int = 0, layers: Sequence[int] | None = None, span
                      automargin=True, tickmode="array" if len(layers) <= 48 else "auto", tickvals=layers)
     if generated and trace.prompt_length > pos.min():
         fig.add_vline(x=trace.prompt_length - 0.5, line=dict(color="#222", dash="dot", width=2))
-    return _finish(fig, f"Token routing map: top-1 expert per layer and position (batch row {batch}"
-                        f"{_span_note(trace, batch, pos)})",
-                   height=max(340, 200 + 22 * len(layers)) + (70 if windowed else 0), width=width,
-                   margin=dict(l=70, r=30, t=100, b=60))
+    _finish(fig, "Token routing map: top-1 expert per layer and position",
+            height=max(340, 200 + 22 * len(layers)) + (70 if windowed else 0), width=width,
+            margin=dict(l=70, r=30, t=110, b=60))
+    fig.layout.title.subtitle.text = f"batch row {batch}{_span_note(trace, batch, pos)} · hover a cell for its top-k"
+    return fig
 
 
 def _routed_tokens(trace, layer: int, batch: int, span=None):
@@ -692,7 +693,7 @@ def specialization_bars(spec, layer: int | None = None, value: str = "lift",
                          f"{required} and the domain column); labels are not in a Trace")
     df, layer = _one_layer(spec, layer)
     extra = {"share_all", "n_units", "share_lo", "share_hi", "lift_lo", "lift_hi", "lift_max", "log_odds",
-             "log_odds_lo", "log_odds_hi", "saturated", "low_count"}
+             "log_odds_lo", "log_odds_hi", "saturated", "low_count", "lift_uniform_lo", "lift_uniform_hi"}
     by = next((c for c in df.columns if c not in required and c not in extra), None)
     has_ci = f"{value}_lo" in df.columns
     flagged = {"saturated", "low_count", "lift_max"} <= set(df.columns)

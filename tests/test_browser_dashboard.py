@@ -7,6 +7,7 @@ are checked on disk, through their download links, and the HTML export is opened
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -73,12 +74,14 @@ def set_readout(slider, value) -> None:
 def export_and_check(page, box, kind: str, lab) -> Path:
     """Click an export button: the note names a new file under the notebook's ./exports, whose download link
     gives the same bytes."""
-    before = box.locator(".dbrx-export-path").all_inner_texts()
+    note = box.locator(".dbrx-export-path")
+    before = note.all_inner_texts()
     box.locator(f".dbrx-export-{kind}").click()
-    page.wait_for_function("([sel, old]) => { const e = document.querySelectorAll(sel); "
-                           "return e.length && e[e.length - 1].textContent && !old.includes(e[e.length - 1].textContent); }",
-                           arg=[".dbrx-export-path", before], timeout=60_000)
-    path = Path(box.locator(".dbrx-export-path").inner_text())
+    deadline = time.time() + 60
+    while note.all_inner_texts() == before or not note.all_inner_texts():
+        assert time.time() < deadline, f"no new file named after clicking {kind}"
+        page.wait_for_timeout(200)
+    path = Path(note.inner_text())
     assert path.parent == lab["root"] / "exports" and path.is_file(), path
     link = box.locator(".dbrx-export-link")
     if link.count():

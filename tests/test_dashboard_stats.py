@@ -134,6 +134,7 @@ def test_saturated_lift_ties_and_log_odds_breaks_the_tie():
     assert np.allclose(a["lift_max"], 2.0)
     assert a.loc[1, "log_odds"] > a.loc[2, "log_odds"] > a.loc[0, "log_odds"]                 # no tie
     assert a.loc[1, "log_odds_lo"] <= a.loc[1, "log_odds"] <= a.loc[1, "log_odds_hi"]
+    assert a.loc[1, "lift_uniform_lo"] <= a.loc[1, "lift_uniform"] <= a.loc[1, "lift_uniform_hi"]
     assert not a.loc[1, "low_count"] and a.loc[2, "low_count"]                                # 60 vs 15 tokens
     assert (spec["n_units"] == 10).all() and spec.attrs["min_count"] == 20
     top = spec[~spec["low_count"]].sort_values("log_odds", ascending=False)
@@ -164,6 +165,8 @@ def test_figures_show_n_intervals_and_flags():
     assert "saturated" in hover[1] and "CI" in hover[1] and "fewer than 20 tokens" in hover[2]
     assert "saturated" in fig.layout.title.text
     # without interval columns the figure is as before (no whiskers)
+    uniform = next(t for t in figures.specialization_bars(spec, layer=0, value="lift_uniform").data if t.name == "a")
+    assert uniform.error_y.array is not None
     plain = figures.specialization_bars(analysis.domain_specialization(saturated_routing()), layer=0)
     assert plain.data[0].error_y.array is None
 

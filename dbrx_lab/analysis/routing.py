@@ -879,7 +879,9 @@ class SpecializationIntervals(Accumulator):
         c, n = spec["count"].to_numpy(float), spec["tokens"].to_numpy(float)
         all_c = spec.groupby(["layer", "expert"])["count"].transform("sum").to_numpy(float)
         all_n = spec.groupby(["layer", "expert"])["tokens"].transform("sum").to_numpy(float)
+        base = spec["baseline_share"]
         out = spec.assign(n_units=n_units, share_lo=load["share_lo"], share_hi=load["share_hi"],
+                          lift_uniform_lo=load["share_lo"] / base, lift_uniform_hi=load["share_hi"] / base,
                           lift_lo=lift_lo, lift_hi=lift_hi, lift_max=all_n / n,
                           log_odds=_log_odds(c, n, all_c - c, all_n - n), log_odds_lo=odds_lo, log_odds_hi=odds_hi)
         out["saturated"] = np.isclose(out["lift"], out["lift_max"]) & (out["count"] > 0)
@@ -899,7 +901,8 @@ def specialization_intervals(source, by: str = "label", labels: Sequence | None 
                              level: float = 0.95, unit: str = "text", seed: int = 0,
                              min_count: int = DEFAULT_MIN_COUNT) -> pd.DataFrame:
     """`domain_specialization` with counts guarded and uncertainty. Plus: n_units; bootstrap intervals
-    share_lo/_hi, lift_lo/_hi, log_odds_lo/_hi (as in `load_intervals`); low_count = count < min_count.
+    share_lo/_hi, lift_uniform_lo/_hi, lift_lo/_hi, log_odds_lo/_hi (as in `load_intervals`);
+    low_count = count < min_count.
 
     Saturation: lift = share / share_all cannot exceed lift_max = all labelled tokens / the group's tokens,
     reached whenever no other group uses the expert, however many tokens it routes, so several experts tie

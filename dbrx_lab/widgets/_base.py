@@ -40,7 +40,8 @@ __all__ = ["LabWidget", "PromptTraceWidget", "FigurePane", "ClickableFigure", "p
            "fit_width", "token_html", "expert_chip", "EXPORT_KINDS"]
 
 # what the export bar writes: kind -> (file suffix, MIME type of the download link, button label)
-EXPORT_KINDS = {"csv": (".csv", "text/csv", "CSV"), "parquet": (".parquet", "application/vnd.apache.parquet", "Parquet"),
+EXPORT_KINDS = {"csv": (".csv", "text/csv", "CSV"),
+                "parquet": (".parquet", "application/vnd.apache.parquet", "Parquet"),
                 "trace": (".safetensors", "application/octet-stream", "Trace"), "html": (".html", "text/html", "HTML")}
 # files up to this size also get a download link: a data: URI in the widget's state (kept small: the state
 # travels to the browser and may be saved in the notebook; a standalone HTML page, ~4.7 MB, gets none)
@@ -322,10 +323,10 @@ class LabWidget:
         self.export_buttons: dict[str, W.Button] = {}
         for kind in self._exportable():
             label = EXPORT_KINDS[kind][2]
-            b = W.Button(description=label, icon="download", layout=W.Layout(width="auto"),
-                         tooltip={"csv": "the current view's table as CSV", "parquet": "the current view's table as "
-                                  "Parquet", "trace": "the trace (Trace.save format; dbrx_lab.Trace.load reads it)",
-                                  "html": "the figure as a standalone HTML page (plotly.js inside, works offline)"}[kind])
+            tip = {"csv": "the current view's table as CSV", "parquet": "the current view's table as Parquet",
+                   "trace": "the trace (Trace.save format; dbrx_lab.Trace.load reads it)",
+                   "html": "the figure as a standalone HTML page (plotly.js inside, works offline)"}[kind]
+            b = W.Button(description=label, icon="download", layout=W.Layout(width="auto"), tooltip=tip)
             b.add_class(f"dbrx-export-{kind}")
             b.on_click(self._guard(lambda _, k=kind: self._export_clicked(k), f"export {label}"))
             self.export_buttons[kind] = b
