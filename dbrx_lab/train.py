@@ -93,6 +93,22 @@ def load_balancing_loss(router_logits: torch.Tensor | Sequence[torch.Tensor], to
     return (E * (f * P).sum(-1)).mean()
 
 
+def router_margin_loss(router_logits: torch.Tensor | Sequence[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Top-k boundary: mean over layers and tokens of softplus(l_(k+1) - l_(k)), the logistic loss on the gap
+    between the router's k-th and (k+1)-th largest logits (ln 2 at a tie, -> 0 as the gap grows).
+
+    Not part of DBRX's recipe: the language-model loss gives the router no signal at that boundary (only the
+    chosen k experts' weights get gradient), so a DBRX-recipe router leaves its k-th and (k+1)-th experts
+    nearly tied. The demo adds this with a small weight so its routers decide which k experts they pick.
+    """
+    logits = _stack_layers(router_logits).float()
+    E = logits.shape[-1]
+    if not 1 <= top_k < E:
+        raise ValueError(f"top_k must be in [1, {E - 1}] (a (k+1)-th expert must exist), got {top_k}")
+    top = logits.topk(top_k + 1, dim=-1).values                                  # [L, N, k+1] descending
+    return F.softplus(top[..., top_k] - top[..., top_k - 1]).mean()
+
+
 def router_z_loss(router_logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """ST-MoE router z-loss: mean over layers and tokens of logsumexp(logits)^2; logits per layer [N, E]."""
     logits = _stack_layers(router_logits)
@@ -192,12 +208,68 @@ class TrainConfig:
     save_every: int = 25
     min_count: int = 3              # ids seen fewer times in training share the lm_head "rest" row
     amp: bool = False
+    router_temperature: float = 1.0  # training-time router weight = stored / T (folded into the export)
+    router_margin_weight: float = 0.0  # weight of router_margin_loss (0: DBRX's own recipe)
+    init_from: str | None = None     # a DBRX folder of the same shape to start from (e.g. an earlier demo)
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         frac = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+class _Scaled(torch.nn.Module):
+    """Parametrization weight = stored * scale: a router temperature that AdamW sees as a larger step on
+    the router's logits (Adam's update size does not scale with the gradient), folded into the weight on export."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.scale
+
+
+def set_router_temperature(model: DbrxLM, temperature: float) -> None:
+    """Train the routers at `temperature` (< 1: sharper and faster-moving router logits); 1.0 leaves them plain."""
+    from torch.nn.utils import parametrize
+
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"router temperature must be a finite number > 0, got {temperature}")
+    if temperature != 1.0:
+        for block in model.transformer.blocks:
+            parametrize.register_parametrization(block.ffn.router.layer, "weight", _Scaled(1.0 / temperature))
+
+
+def fold_router_temperature(model: DbrxLM) -> DbrxLM:
+    """Replace each router's parametrization by its value (stored / T): a plain DBRX with the same logits."""
+    from torch.nn.utils import parametrize
+
+    for block in model.transformer.blocks:
+        if parametrize.is_parametrized(block.ffn.router.layer):
+            parametrize.remove_parametrizations(block.ffn.router.layer, "weight", leave_parametrized=True)
+    return model
+
+
+@torch.no_grad()
+def init_from_folder(model: DbrxLM, shortlist: "VocabShortlist", folder: str | Path) -> None:
+    """Copy a saved full-vocabulary DBRX of the same shape into the compact `model` (its rows at the
+    shortlist's ids; the shared rest row from an unseen id), so training continues from it."""
+    from .loading import load_model
+
+    src = load_model(folder, dtype=torch.float32)
+    mine, theirs = dataclasses.asdict(model.config), dataclasses.asdict(src.config)
+    diff = [k for k in mine if k not in ("vocab_size", "moe_loss_weight", "moe_z_loss_weight", "moe_jitter_eps",
+                                         "torch_dtype") and mine[k] != theirs.get(k)]
+    if diff or src.config.vocab_size != shortlist.vocab_size:
+        raise ValueError(f"--init-from {folder}: its config differs from the model being trained in "
+                         f"{diff or ['vocab_size']}; start from a model of the same shape")
+    rows = torch.cat([shortlist.ids, shortlist.rest[:1]])                         # compact row -> full id
+    state = src.state_dict()
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        state[name] = state[name][rows]
+    model.load_state_dict(state, strict=True)
 
 
 def batch_at(streams: dict[str, np.ndarray], step: int, tcfg: TrainConfig) -> torch.Tensor:
@@ -231,17 +303,19 @@ def make_optimizer(model: DbrxLM, tcfg: TrainConfig) -> torch.optim.AdamW:
                              lr=tcfg.lr, betas=tcfg.betas, foreach=True)
 
 
-def training_loss(model: DbrxLM, batch: torch.Tensor, shortlist: VocabShortlist, amp: bool = False):
+def training_loss(model: DbrxLM, batch: torch.Tensor, shortlist: VocabShortlist, amp: bool = False,
+                  margin_weight: float = 0.0):
     """Compact `model` (vocab_size = shortlist.size), batch [B, T+1] full-vocabulary ids
-    -> (total loss, {"lm", "lb", "z"} floats)."""
+    -> (total loss, {"lm", "lb", "z", "margin"} floats); `margin_weight` weights `router_margin_loss`."""
     cfg = model.config
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         h, router_logits = final_hidden(model, shortlist.to_compact(batch[:, :-1]))
         lm = shortlist.loss(h.reshape(-1, h.shape[-1]), model.lm_head.weight, batch[:, 1:].reshape(-1))
     lb = load_balancing_loss(router_logits, cfg.moe_top_k, cfg.moe_num_experts)
     z = router_z_loss(router_logits)
-    total = lm + cfg.moe_loss_weight * lb + cfg.moe_z_loss_weight * z
-    return total, {"lm": lm.item(), "lb": lb.item(), "z": z.item()}
+    margin = router_margin_loss(router_logits, cfg.moe_top_k)
+    total = lm + cfg.moe_loss_weight * lb + cfg.moe_z_loss_weight * z + margin_weight * margin
+    return total, {"lm": lm.item(), "lb": lb.item(), "z": z.item(), "margin": margin.item()}
 
 
 @torch.no_grad()
@@ -323,6 +397,9 @@ def train(out: str | Path, tcfg: TrainConfig, model_cfg: DbrxConfig, corpus, res
 
     torch.manual_seed(tcfg.seed)
     model = DbrxLM(dataclasses.replace(model_cfg, vocab_size=shortlist.size)).float()
+    if tcfg.init_from:
+        init_from_folder(model, shortlist, tcfg.init_from)
+    set_router_temperature(model, tcfg.router_temperature)
     model.train()
     opt = make_optimizer(model, tcfg)
     start, elapsed = 0, 0.0
@@ -348,13 +425,13 @@ def train(out: str | Path, tcfg: TrainConfig, model_cfg: DbrxConfig, corpus, res
             for group in opt.param_groups:
                 group["lr"] = lr
             batch = batch_at(streams, step, tcfg)
-            loss, parts = training_loss(model, batch, shortlist, tcfg.amp)
+            loss, parts = training_loss(model, batch, shortlist, tcfg.amp, tcfg.router_margin_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip).item()
             opt.step()
             record = {"step": step, "lr": lr, "loss": loss.item(), "lm_loss": parts["lm"],
-                      "lb_loss": parts["lb"], "z_loss": parts["z"], "grad_norm": grad_norm,
+                      "lb_loss": parts["lb"], "z_loss": parts["z"], "margin_loss": parts["margin"], "grad_norm": grad_norm,
                       "tokens": (step + 1) * tcfg.batch_size * tcfg.seq_len, "elapsed_s": time.time() - t0}
             last = step + 1 == tcfg.steps
             if (step + 1) % tcfg.eval_every == 0 or last or step == 0:
@@ -370,7 +447,7 @@ def train(out: str | Path, tcfg: TrainConfig, model_cfg: DbrxConfig, corpus, res
                 print(f"time limit reached after step {step + 1}; continue with --resume", file=sys.stderr)
                 break
     bar.close()
-    full = shortlist.expand(model).eval()
+    full = shortlist.expand(fold_router_temperature(model)).eval()
     full.shortlist = shortlist
     return full
 
@@ -404,6 +481,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model shape: the demo's, or the small 'tiny-vocab' preset (for quick checks)")
     parser.add_argument("--time-limit", type=float, default=None, help="stop (resumably) after this many minutes")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (slower on CPUs without bf16 units)")
+    parser.add_argument("--init-from", default=None, metavar="FOLDER",
+                        help="start from the weights of a saved model of the same shape (e.g. 'demo', the bundled "
+                             "model) instead of a random initialisation")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate (default %(default)s)")
+    parser.add_argument("--router-temperature", type=float, default=TrainConfig.router_temperature,
+                        help="train the routers' logits at this temperature, folded into the saved weights "
+                             "(< 1: more decisive routing; default %(default)s)")
+    parser.add_argument("--router-margin-weight", type=float, default=TrainConfig.router_margin_weight,
+                        help="weight of the router margin loss, softplus(l_(k+1) - l_(k)) on the router logits "
+                             "(not in DBRX's recipe; default %(default)s)")
+    parser.add_argument("--moe-loss-weight", type=float, default=DEMO_CONFIG.moe_loss_weight,
+                        help="load-balancing loss weight (default %(default)s)")
+    parser.add_argument("--moe-z-loss-weight", type=float, default=DEMO_CONFIG.moe_z_loss_weight,
+                        help="router z-loss weight (default %(default)s)")
+    parser.add_argument("--n-layers", type=int, default=None,
+                        help=f"transformer blocks (default: the shape's own, {DEMO_CONFIG.n_layers} for the demo)")
     parser.add_argument("--no-card", action="store_true", help="skip the model card and its evaluation")
     parser.add_argument("--keep-checkpoint", action="store_true", help="keep <out>/checkpoint after the last step")
 
@@ -419,10 +512,23 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model_cfg = dataclasses.replace(DEMO_CONFIG if args.model == "demo" else PRESETS["tiny-vocab"])
+    for name, value, low in (("--moe-loss-weight", args.moe_loss_weight, 0.0),
+                             ("--moe-z-loss-weight", args.moe_z_loss_weight, 0.0), ("--lr", args.lr, 0.0),
+                             ("--router-margin-weight", args.router_margin_weight, 0.0)):
+        if not (math.isfinite(value) and value >= low) or (name == "--lr" and value == 0):
+            raise ValueError(f"{name} must be a finite number {'> 0' if name == '--lr' else '>= 0'}, got {value}")
+    n_layers = model_cfg.n_layers if args.n_layers is None else args.n_layers
+    if not 1 <= n_layers <= 64:
+        raise ValueError(f"--n-layers must be in [1, 64], got {n_layers}")
+    model_cfg = dataclasses.replace(model_cfg, moe_loss_weight=args.moe_loss_weight,
+                                    moe_z_loss_weight=args.moe_z_loss_weight, n_layers=n_layers)
     if not 1 <= args.seq_len <= model_cfg.max_seq_len:
         raise ValueError(f"--seq-len must be in [1, {model_cfg.max_seq_len}], got {args.seq_len}")
     tcfg = TrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len,
-                       amp=args.amp, warmup_steps=min(TrainConfig.warmup_steps, max(1, args.steps // 10)))
+                       amp=args.amp, warmup_steps=min(TrainConfig.warmup_steps, max(1, args.steps // 10)),
+                       lr=args.lr, router_temperature=args.router_temperature,
+                       router_margin_weight=args.router_margin_weight,
+                       init_from=None if args.init_from is None else str(args.init_from))
     cap = args.max_tokens
     corpus = build_corpus({"prose": cap, "code": cap} if cap else None)
     out = Path(args.out)
@@ -483,14 +589,31 @@ def eval_text_losses(model: DbrxLM) -> dict[str, float]:
 @torch.no_grad()
 def route_windows(model: DbrxLM, windows: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     """windows [n, T] -> top-k experts [L, n*T, k] (plain routing, no interventions)."""
+    return router_logits_of(model, windows, chunk).topk(model.config.moe_top_k, dim=-1).indices
+
+
+@torch.no_grad()
+def router_logits_of(model: DbrxLM, windows: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """windows [n, T] -> router logits [L, n*T, E] float32 (plain routing, no interventions)."""
     was_training = model.training
     model.eval()
-    tops = []
+    out = []
     for w in windows.split(chunk):
         _, router_logits = final_hidden(model, w)
-        tops.append(torch.stack([r.float().topk(model.config.moe_top_k, dim=-1).indices for r in router_logits]))
+        out.append(torch.stack([r.float() for r in router_logits]))
     model.train(was_training)
-    return torch.cat(tops, dim=1)
+    return torch.cat(out, dim=1)
+
+
+def router_decisiveness(logits: torch.Tensor, top_k: int) -> dict[str, list[float]]:
+    """Router logits [L, N, E] -> per layer means over tokens: softmax entropy (nats; uniform = ln E), top-1
+    probability, and the margin p(k) - p(k+1) between the last chosen and the first unchosen expert."""
+    p = logits.double().softmax(-1)
+    entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)                              # [L, N]
+    sorted_p = p.sort(-1, descending=True).values
+    margin = sorted_p[..., top_k - 1] - sorted_p[..., top_k] if top_k < p.shape[-1] else sorted_p[..., -1]
+    return {"router_entropy": entropy.mean(-1).tolist(), "router_top1": sorted_p[..., 0].mean(-1).tolist(),
+            "router_margin": margin.mean(-1).tolist()}
 
 
 def expert_shares(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -533,8 +656,11 @@ def routing_report(model: DbrxLM, windows: dict[str, torch.Tensor], init_model: 
     E = model.config.moe_num_experts
     report: dict = {}
     per_model = {}
+    k = model.config.moe_top_k
     for name, m in (("trained", model), ("init", init_model)):
-        experts = {d: route_windows(m, w) for d, w in windows.items()}
+        logits = {d: router_logits_of(m, w) for d, w in windows.items()}
+        experts = {d: lg.topk(k, dim=-1).indices for d, lg in logits.items()}
+        report[f"decisiveness_{name}"] = router_decisiveness(torch.cat([logits["prose"], logits["code"]], 1), k)
         shares = {d: expert_shares(e, E) for d, e in experts.items()}
         mixed = expert_shares(torch.cat([experts["prose"], experts["code"]], dim=1), E)
         per_model[name] = (experts, shares, mixed)
@@ -550,7 +676,6 @@ def routing_report(model: DbrxLM, windows: dict[str, torch.Tensor], init_model: 
     ids = torch.cat([windows["prose"].reshape(-1), windows["code"].reshape(-1)])
     classes = token_classes(ids)
     all_experts = torch.cat([experts["prose"], experts["code"]], dim=1)           # [L, N, k]
-    k = model.config.moe_top_k
     picked_all = mixed * k                                                        # [L, E]
     favourites = {}
     for c in TOKEN_CLASSES:
@@ -721,7 +846,15 @@ def write_model_card(folder: str | Path, corpus=None, tcfg: TrainConfig | None =
           f"to {tcfg.min_lr_ratio:g} x peak; gradient clipping {tcfg.grad_clip}; {tcfg.batch_size} sequences x "
           f"{tcfg.seq_len} tokens per step, half prose and half code, at offsets drawn from (seed, step); float32.",
           f"- Loss: next-token cross-entropy + {cfg.moe_loss_weight} x load-balancing loss (DBRX form, 1.0 when "
-          f"balanced) + {cfg.moe_z_loss_weight} x router z-loss; router jitter eps {cfg.moe_jitter_eps}.",
+          f"balanced) + {cfg.moe_z_loss_weight} x router z-loss"
+          + (f" + {tcfg.router_margin_weight} x router margin loss, softplus(l({cfg.moe_top_k + 1}) - l({cfg.moe_top_k})) "
+             f"on each token's sorted router logits (not in DBRX's recipe; `dbrx_lab.train.router_margin_loss`)"
+             if tcfg.router_margin_weight else "")
+          + f"; router jitter eps {cfg.moe_jitter_eps}."
+          + (f" Routers trained at temperature {tcfg.router_temperature:g} (logits = x W / T, with T folded into the "
+             f"saved router weights: the exported model is a plain DBRX)." if tcfg.router_temperature != 1 else ""),
+          *([f"- Initialised from `{tcfg.init_from}` (a saved model of the same shape), not at random."]
+            if tcfg.init_from else []),
           f"- Compact vocabulary: the ids seen {tcfg.min_count}+ times in the training split get their own wte and "
           f"lm_head rows, all other ids share one row (copied into each of their rows on export), so the softmax "
           f"over {cfg.vocab_size} rows is computed exactly but cheaply (see `dbrx_lab.train.VocabShortlist`).",
@@ -765,6 +898,17 @@ def write_model_card(folder: str | Path, corpus=None, tcfg: TrainConfig | None =
           *[_fmt_row([l, routing["experts_used"][l], f"{routing['max_share_x_uniform'][l]:.2f}",
                       f"{routing['min_share_x_uniform'][l]:.2f}",
                       *[f"{routing['share_mixed'][l][e] * E:.1f}" for e in range(E)]]) for l in range(L)],
+          "",
+          "## Router decisiveness",
+          "",
+          f"Per layer, means over the held-out prose + code tokens of the router's softmax: entropy (nats; uniform "
+          f"ln {E} = {math.log(E):.2f}), the top-1 probability, and the margin p({cfg.moe_top_k}) - "
+          f"p({cfg.moe_top_k + 1}) between the last chosen and the first unchosen expert; trained vs at initialisation.",
+          "",
+          _fmt_row(["layer", "entropy", "top-1 probability", "margin", "entropy at init", "top-1 at init",
+                    "margin at init"]), _fmt_row(["---"] * 7),
+          *[_fmt_row([l, *[f"{routing[f'decisiveness_{w}'][key][l]:.3f}" for w in ("trained", "init")
+                           for key in ("router_entropy", "router_top1", "router_margin")]]) for l in range(L)],
           "",
           "## Specialisation",
           "",

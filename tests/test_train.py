@@ -196,3 +196,83 @@ def test_cli_train_demo_runs_and_exports(tmp_path, capsys):
     assert weights["lm_head.weight"].shape == (100352, 64) and weights["lm_head.weight"].dtype == torch.bfloat16
     assert main(["train-demo", "--out", str(out), "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
+
+
+def test_router_temperature_trains_sharper_routers_and_folds_into_a_plain_dbrx(tmp_path):
+    """A router temperature < 1 is a training-time parametrization: the exported model is a plain DBRX (no
+    parametrization left) whose routers are more decisive than the same recipe's at temperature 1."""
+    from dbrx_lab.train import router_decisiveness, router_logits_of
+
+    cfg = dataclasses.replace(PRESETS["tiny"], moe_jitter_eps=0.0)
+    corpus = synthetic_corpus()
+    plain = train(tmp_path / "plain", tiny_recipe(steps=30, eval_every=29), cfg, corpus, progress=False)
+    sharp = train(tmp_path / "sharp", tiny_recipe(steps=30, eval_every=29, router_temperature=0.1), cfg, corpus,
+                  progress=False)
+    assert set(plain.state_dict()) == set(sharp.state_dict())               # no parametrization keys
+    ids = torch.from_numpy(corpus.stream("code", "val")[:64].astype(np.int64))[None]
+    e_plain = router_decisiveness(router_logits_of(plain, ids), cfg.moe_top_k)["router_entropy"]
+    e_sharp = router_decisiveness(router_logits_of(sharp, ids), cfg.moe_top_k)["router_entropy"]
+    assert all(s < p - 0.1 for s, p in zip(e_sharp, e_plain)), (e_sharp, e_plain)
+    with pytest.raises(ValueError, match="router temperature must be a finite number > 0"):
+        train(tmp_path / "bad", tiny_recipe(router_temperature=0.0), cfg, corpus, progress=False)
+
+
+def test_router_decisiveness_known_answers():
+    from dbrx_lab.train import router_decisiveness
+
+    uniform = torch.zeros(2, 5, 16)
+    out = router_decisiveness(uniform, 4)
+    assert out["router_entropy"] == pytest.approx([np.log(16)] * 2)
+    assert out["router_top1"] == pytest.approx([1 / 16] * 2) and out["router_margin"] == pytest.approx([0.0] * 2)
+    one_hot = torch.full((1, 3, 16), -1e4)
+    one_hot[..., 7] = 0
+    out = router_decisiveness(one_hot, 4)
+    assert out["router_entropy"][0] == pytest.approx(0.0, abs=1e-6) and out["router_top1"][0] == pytest.approx(1.0)
+    four = torch.full((1, 1, 16), -1e4)
+    four[..., :4] = 0                                                          # four equal winners, then nothing
+    assert router_decisiveness(four, 4)["router_margin"][0] == pytest.approx(0.25)
+
+
+def test_init_from_continues_from_a_saved_model(tmp_path):
+    """--init-from copies a saved full-vocabulary model into the compact one exactly: a 1-step run at lr ~0
+    exports the same logits, and a model of another shape is refused naming the differing fields."""
+    from dbrx_lab.checkpoint import save_pretrained
+    from dbrx_lab.lm import DbrxLM
+
+    cfg = dataclasses.replace(PRESETS["tiny"], moe_jitter_eps=0.0)
+    corpus = synthetic_corpus()
+    torch.manual_seed(3)
+    src = DbrxLM(cfg).float().eval()
+    with torch.no_grad():                                  # unseen ids share one row, as an exported demo's do
+        seen = np.unique(np.concatenate([corpus.stream(d, "train") for d in ("prose", "code")]))
+        unseen = torch.ones(cfg.vocab_size, dtype=torch.bool)
+        unseen[torch.from_numpy(seen.astype(np.int64))] = False
+        for w in (src.transformer.wte.weight, src.lm_head.weight):
+            w[unseen] = w[unseen.nonzero()[0]]
+    folder = save_pretrained(src, tmp_path / "src", dtype=torch.float32)
+    out = train(tmp_path / "cont", tiny_recipe(steps=1, lr=1e-30, init_from=str(folder), weight_decay=0.0), cfg,
+                corpus, progress=False)
+    ids = torch.from_numpy(corpus.stream("prose", "val")[:32].astype(np.int64))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(out(ids).logits, src(ids).logits, rtol=1e-5, atol=1e-5)
+    other = dataclasses.replace(cfg, n_layers=cfg.n_layers + 1)
+    with pytest.raises(ValueError, match="n_layers"):
+        train(tmp_path / "bad", tiny_recipe(steps=1, init_from=str(folder)), other, corpus, progress=False)
+
+
+def test_router_margin_loss_known_answers_and_gradient():
+    from dbrx_lab.train import router_margin_loss
+
+    assert router_margin_loss(torch.zeros(3, 7, 16), 4).item() == pytest.approx(math.log(2))    # all tied
+    decided = torch.zeros(1, 2, 16)
+    decided[..., [1, 5, 9, 13]] = 30.0                                          # a 30-nat gap at the boundary
+    assert router_margin_loss(decided, 4).item() == pytest.approx(0.0, abs=1e-6)
+    logits = torch.randn(2, 5, 16, requires_grad=True)
+    router_margin_loss(logits, 4).backward()
+    order = logits.detach().argsort(-1, descending=True)
+    g = logits.grad
+    assert (g.gather(-1, order[..., 3:4]) < 0).all()        # descent raises the 4th expert's logit...
+    assert (g.gather(-1, order[..., 4:5]) > 0).all()        # ...lowers the 5th's...
+    assert (g.gather(-1, torch.cat([order[..., :3], order[..., 5:]], -1)) == 0).all()   # ...and no other
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, 15\]"):
+        router_margin_loss(logits, 16)
