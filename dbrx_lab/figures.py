@@ -406,8 +406,10 @@ def routing_map(trace, batch: int = 0, layers: Sequence[int] | None = None, span
         fig.add_vline(x=trace.prompt_length - 0.5, line=dict(color="#222", dash="dot", width=2))
     _finish(fig, "Token routing map: top-1 expert per layer and position",
             height=max(340, 200 + 22 * len(layers)) + (70 if windowed else 0), width=width,
-            margin=dict(l=70, r=30, t=110, b=60))
-    fig.layout.title.subtitle.text = f"batch row {batch}{_span_note(trace, batch, pos)} · hover a cell for its top-k"
+            margin=dict(l=70, r=30, t=120, b=60))
+    fig.update_layout(title=dict(y=1, yref="container", yanchor="top", pad=dict(t=12),   # the colorbar sits below
+                                 subtitle_text=f"batch row {batch}{_span_note(trace, batch, pos)} · hover a cell for "
+                                               f"its top-k experts"))
     return fig
 
 
