@@ -7,7 +7,7 @@ widget's notebook in headless Chromium (/usr/bin/chromium, or $DBRX_LAB_CHROMIUM
 photographs the widget: RoutingExplorer (01), ExpertUsageDashboard (02), AttentionExplorer (03), AblationLab
 (04, after one ablated generation), CardBrowser (08); then scripts/card_screenshots.py draws the offline card
 site (expert_cards_index.png, expert_card.png). The test suite never writes tracked files; this script is the
-only thing that writes docs/img, and only the file names listed here. ~5-10 minutes on 2 CPU cores.
+only thing that writes docs/img, and only the file names listed here. 13.5 minutes on a busy 2-core machine (widgets ~9, card site ~4).
 """
 from __future__ import annotations
 
