@@ -7,7 +7,8 @@ widget's notebook in headless Chromium (/usr/bin/chromium, or $DBRX_LAB_CHROMIUM
 photographs the widget: RoutingExplorer (01), ExpertUsageDashboard (02), AttentionExplorer (03), AblationLab
 (04, after one ablated generation), CardBrowser (08); then scripts/card_screenshots.py draws the offline card
 site (expert_cards_index.png, expert_card.png). The test suite never writes tracked files; this script is the
-only thing that writes docs/img, and only the file names listed here. 13.5 minutes on a busy 2-core machine (widgets ~9, card site ~4).
+only thing that writes docs/img, and only the file names listed here. 13.5 minutes on a busy 2-core machine
+(widgets ~9, card site ~4).
 """
 from __future__ import annotations
 
@@ -209,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 open_and_run(page, lab, notebook)
                 box = shoot(page)
-                if box.locator(".dbrx-error-box").count():
-                    raise RuntimeError(f"{name}: the widget shows an error: {box.locator('.dbrx-error-box').inner_text()}")
+                error = box.locator(".dbrx-error-box")
+                if error.count():
+                    raise RuntimeError(f"{name}: the widget shows an error: {error.first.inner_text()}")
                 path = opts.out / f"{name}.png"
                 box.evaluate("e => e.scrollIntoView({block: 'start'})")
                 page.wait_for_timeout(500)
