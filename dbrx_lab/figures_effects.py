@@ -37,6 +37,11 @@ def _need(df, columns, name: str, what: str) -> pd.DataFrame:
     return df
 
 
+def _short(n: int) -> str:
+    """1, 10, 100, 1k, 10k, 100k, 1M: compact colourbar labels."""
+    return f"{n // 1_000_000}M" if n >= 1_000_000 else f"{n // 1000}k" if n >= 1000 else str(n)
+
+
 def _layer_label(layer: int) -> str:
     return "embed" if layer < 0 else str(layer)
 
@@ -88,8 +93,8 @@ def logit_lens_heatmap(lens: pd.DataFrame, value: str = "prob") -> go.Figure:
         top = max(1.0, float(np.nanmax(np.log10(rank)))) if np.isfinite(rank).any() else 1.0
         ticks = [10 ** t for t in range(int(np.ceil(top)) + 1)]
         z = np.log10(rank)
-        colorbar = dict(title=dict(text="rank of<br>next token"), tickvals=np.log10(ticks).tolist(),
-                        ticktext=[f"{t:,}" for t in ticks])
+        colorbar = dict(title=dict(text="rank of the next token", side="right"), tickvals=np.log10(ticks).tolist(),
+                        ticktext=[_short(t) for t in ticks])
         extra = dict(zmin=0.0, zmax=top, colorscale=SEQUENTIAL, reversescale=True)
     heat = go.Heatmap(z=z, x=positions, y=list(range(len(layers))), hovertext=hover, hoverinfo="text", xgap=1,
                       ygap=1, colorbar=colorbar, **extra)
@@ -101,7 +106,7 @@ def logit_lens_heatmap(lens: pd.DataFrame, value: str = "prob") -> go.Figure:
                      ticktext=[_layer_label(l) for l in layers], showgrid=False)
     what = "probability" if value == "prob" else "rank"
     return _finish(fig, f"Logit lens: {what} of the actual next token after each layer (text: top prediction)",
-                   height=max(320, 120 + 34 * len(layers)), width=_width(140 + 46 * len(positions)))
+                   height=max(360, 120 + 36 * len(layers)), width=_width(140 + 46 * len(positions)))
 
 
 def lens_top_tokens(top: pd.DataFrame) -> go.Figure:
@@ -216,9 +221,9 @@ def attribution_heatmap(attr, batch: int = 0, position: int | str | None = None,
         title = (f"Direct logit attribution to {plotly_text(readable_token(str(t['target'])))} at position "
                  f"{position}: logit {t['logit']:.2f} = embed {embed:+.2f} + attention {t['attn']:+.2f} + experts "
                  f"{t['experts']:+.2f} (error {t['error']:+.1e})")
-    return _finish(fig, title, barmode="group", height=max(380, 130 + 30 * len(layers)),
-                   width=_width(260 + 38 * E + 260), margin=dict(l=70, r=30, t=90, b=60),
-                   legend=dict(orientation="h", y=-0.15, x=1, xanchor="right"))
+    return _finish(fig, title, barmode="group", height=max(420, 170 + 30 * len(layers)),
+                   width=_width(260 + 38 * E + 260), margin=dict(l=70, r=30, t=90, b=110),
+                   legend=dict(orientation="h", y=-0.3, yanchor="top", x=1, xanchor="right"))
 
 
 # --- 3. ablation sweeps --------------------------------------------------------------------------
