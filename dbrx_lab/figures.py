@@ -650,7 +650,8 @@ _METRIC_COLORS = ["#2F3E55", "#6F86A8", "#A9B9CF", "#5E5E5E"]       # neutral: n
 
 def repetition_bars(rep, metrics: Sequence[str] = ("same_top1", "overlap", "jaccard")) -> go.Figure:
     """Do consecutive tokens route alike? Bars per layer for each metric of `routing_repetition`, with a
-    dashed line at each metric's random baseline."""
+    dashed line at each metric's random baseline. With the table of `analysis.routing.repetition_intervals`:
+    whiskers (the bootstrap interval of each metric) and n (pairs, resampled units) in the hover."""
     from .analysis import routing_repetition
 
     bad = [m for m in metrics if m not in _REPETITION_LABELS]
@@ -660,21 +661,39 @@ def repetition_bars(rep, metrics: Sequence[str] = ("same_top1", "overlap", "jacc
                 "repetition_bars")
     fig = go.Figure()
     layers = df["layer"].to_numpy()
+    has_ci = all({f"{m}_lo", f"{m}_hi"} <= set(df.columns) for m in metrics) and "n_units" in df.columns
+    level, unit = df.attrs.get("level", 0.95), df.attrs.get("bootstrap", "text")
     for m, color in zip(metrics, _METRIC_COLORS):
         base = float(df[f"baseline_{m}"].iloc[0])
+        y = df[m].to_numpy(float)
+        error_y, notes = None, [""] * len(df)
+        if has_ci:
+            lo, hi = df[f"{m}_lo"].to_numpy(float), df[f"{m}_hi"].to_numpy(float)
+            error_y = dict(type="data", symmetric=False, array=np.nan_to_num(np.maximum(hi - y, 0)),
+                           arrayminus=np.nan_to_num(np.maximum(y - lo, 0)), color="#222", thickness=1, width=3)
+            units = "pairs" if unit == "token" else f"{unit}s"
+            notes = [f"<br>{level:.0%} CI [{a:.3f}, {b:.3f}] (bootstrap over {int(n):,} {units})" if np.isfinite(a)
+                     else f"<br>no interval: fewer than 2 {units}" for a, b, n in zip(lo, hi, df["n_units"])]
         fig.add_trace(go.Bar(
-            x=layers, y=df[m], name=_REPETITION_LABELS[m], marker_color=color, legendgroup=m,
-            customdata=np.stack([df["pairs"], df[m] / base], axis=-1),
+            x=layers, y=y, name=_REPETITION_LABELS[m], marker_color=color, legendgroup=m, error_y=error_y,
+            customdata=np.stack([df["pairs"], y / base, np.array(notes, dtype=object)], axis=-1),
             hovertemplate=(f"layer %{{x}}<br>{_REPETITION_LABELS[m]}: %{{y:.3f}}<br>random baseline {base:.3f} "
-                           f"(%{{customdata[1]:.2f}}×)<br>%{{customdata[0]}} token pairs<extra></extra>")))
+                           f"(%{{customdata[1]:.2f}}×)<br>n = %{{customdata[0]}} token pairs%{{customdata[2]}}"
+                           f"<extra></extra>")))
         fig.add_trace(go.Scatter(
             x=[layers.min() - 0.45, layers.max() + 0.45], y=[base, base], mode="lines", legendgroup=m,
             line=dict(color=color, dash="dash", width=2.5), name=f"random: {base:.3f}",
             hovertemplate=f"random baseline of {_REPETITION_LABELS[m]}: {base:.3f}<extra></extra>"))
     fig.update_xaxes(title="layer", tickmode="linear" if len(layers) <= 48 else "auto")
     fig.update_yaxes(title="share of consecutive token pairs" if "shared" not in metrics else "value")
-    return _finish(fig, "Consecutive-token routing repetition per layer vs random routing (dashed)",
-                   barmode="group", height=420, legend=dict(orientation="h", y=-0.2))
+    title = "Consecutive-token routing repetition per layer vs random routing (dashed)"
+    if has_ci:
+        title += (f"<br><sup>whiskers: {level:.0%} bootstrap interval over "
+                  f"{'token pairs' if unit == 'token' else unit + 's'} · n = {int(df['pairs'].iloc[0]):,} "
+                  f"token pairs per layer</sup>")
+    return _finish(fig, title, barmode="group", height=420 + (20 if has_ci else 0),
+                   legend=dict(orientation="h", y=-0.2),
+                   margin=dict(l=70, r=30, t=90 if has_ci else 60, b=60))
 
 
 def specialization_bars(spec, layer: int | None = None, value: str = "lift",

@@ -255,3 +255,139 @@ def test_dashboard_intervals_off_and_token_bootstrap_for_few_texts():
         ExpertUsageDashboard(r.to_frame(), intervals="yes")
     with pytest.raises(ValueError, match="n_boot must be an integer"):
         ExpertUsageDashboard(r.to_frame(), n_boot=1)
+
+
+# --- repetition ----------------------------------------------------------------------------------------
+def sticky(n_texts: int = 30, tokens: int = 10, L: int = 2, E: int = 8, k: int = 2, q: float = 0.4,
+           seed: int = 0) -> Routing:
+    """Markov routing with a known repetition: each token keeps the previous token's top-1 expert with
+    probability q, else draws it uniformly from the other E - 1 (so P(same top-1) = q exactly); the other
+    k - 1 experts are uniform among the rest."""
+    rng = np.random.default_rng(seed)
+    N = n_texts * tokens
+    experts = np.zeros((L, N, k), dtype=np.int64)
+    for l in range(L):
+        for t in range(n_texts):
+            top = int(rng.integers(E))
+            for p in range(tokens):
+                if p and rng.random() >= q:
+                    top = int(rng.choice([e for e in range(E) if e != top]))
+                rest = rng.choice([e for e in range(E) if e != top], size=k - 1, replace=False)
+                experts[l, t * tokens + p] = [top, *rest]
+    text = np.repeat(np.arange(n_texts), tokens)
+    columns = {"text": text, "position": np.tile(np.arange(tokens), n_texts)}
+    return Routing(experts, np.full((L, N, k), 1 / k, np.float32), E, np.arange(L), columns)
+
+
+def test_repetition_intervals_add_n_and_intervals_to_routing_repetition():
+    r = synthetic(n_texts=20, tokens=12, L=3, E=6, k=2)
+    point = analysis.routing_repetition(r)
+    df = analysis.repetition_intervals(r, n_boot=300)
+    pd.testing.assert_frame_equal(df[point.columns], point)                     # the same point estimates
+    assert (df["n_pairs"] == 20 * 11).all() and (df["n_units"] == 20).all()
+    assert df.attrs == dict(bootstrap="text", n_boot=300, level=0.95, seed=0)
+    for m in R.REPETITION_METRICS:
+        assert (df[f"{m}_lo"] <= df[m] + 1e-12).all() and (df[f"{m}_hi"] >= df[m] - 1e-12).all()
+        assert (df[f"{m}_hi"] > df[f"{m}_lo"]).all()
+    pd.testing.assert_frame_equal(df, R.repetition_intervals(split(r, 7), n_boot=300))   # chunking
+    assert not np.allclose(R.repetition_intervals(r, n_boot=300, seed=1)["same_top1_lo"], df["same_top1_lo"])
+    narrow = R.repetition_intervals(r, n_boot=300, level=0.5)
+    assert (narrow["overlap_hi"] - narrow["overlap_lo"] < df["overlap_hi"] - df["overlap_lo"]).all()
+    by_pair = R.repetition_intervals(r, n_boot=300, unit="token")
+    assert (by_pair["n_units"] == 220).all() and by_pair["same_top1_lo"].notna().all()
+    one = R.repetition_intervals(synthetic(n_texts=1, tokens=30), n_boot=50)
+    assert (one["n_units"] == 1).all() and one["same_top1_lo"].isna().all()        # no interval from 1 text
+    assert R.repetition_intervals(synthetic(n_texts=1, tokens=30), n_boot=50, unit="token")["jaccard_lo"].notna().all()
+
+
+def test_repetition_intervals_cover_the_known_repetition_probability():
+    """P(same top-1) = 0.4 by construction: 95% intervals over texts contain it in most of 30 corpora, and
+    shrink ~1/sqrt(n) with 4x the texts."""
+    hits, widths = 0, []
+    for s in range(30):
+        row = R.repetition_intervals(sticky(n_texts=30, L=1, seed=200 + s), n_boot=200, seed=s).iloc[0]
+        hits += row["same_top1_lo"] <= 0.4 <= row["same_top1_hi"]
+        widths.append(row["same_top1_hi"] - row["same_top1_lo"])
+        assert row["same_top1_lo"] > row["baseline_same_top1"]                  # far above 1/E = 0.125
+    assert hits >= 25, hits
+    big = R.repetition_intervals(sticky(n_texts=120, L=1, seed=7), n_boot=200).iloc[0]
+    assert big["same_top1_hi"] - big["same_top1_lo"] < 0.7 * np.mean(widths)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n_boot=5), r"n_boot must be an integer in \[10, 100000\]"),
+    (dict(n_boot=2.5), r"n_boot must be an integer in \[10, 100000\]"),
+    (dict(level=0), r"level must be in \(0, 1\)"),
+    (dict(unit="pair"), r"unit must be one of \('text', 'token'\)"),
+    (dict(seed=-1), "seed must be an integer >= 0"),
+])
+def test_repetition_intervals_bad_settings_name_the_valid_range(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        R.repetition_intervals(synthetic(n_texts=2), **kwargs)
+
+
+def test_repetition_intervals_of_a_route_stats_folder_match_the_same_traces(tmp_path):
+    import json
+
+    import torch
+
+    from dbrx_lab import DbrxConfig, DbrxLM
+    from dbrx_lab.route_stats import route_stats
+    from dbrx_lab.tokenizer import load_tokenizer
+    from dbrx_lab.trace import Record
+
+    torch.manual_seed(0)
+    cfg = DbrxConfig(d_model=16, n_heads=2, kv_n_heads=1, n_layers=2, ffn_hidden_size=16, max_seq_len=64,
+                     moe_num_experts=8, moe_top_k=2, torch_dtype="float32")
+    model = DbrxLM(cfg).eval()
+    model.reset_parameters(std=0.3)
+    model.requires_grad_(False)
+    model.tokenizer = tok = load_tokenizer()
+    words = "the cat sat on a mat while dogs ran in the park and birds sang over trees".split()
+    rng = np.random.default_rng(0)
+    items = [" ".join(rng.choice(words, size=rng.integers(3, 12))) for _ in range(12)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in items))
+    route_stats(model, data, tmp_path / "out", batch_size=3, part_tokens=20, min_count=1, predictions=False,
+                progress=False)
+    assert len(json.loads((tmp_path / "out" / "manifest.json").read_text())["parts"]) > 1   # several chunks
+    traces = [model.run_with_trace(torch.tensor([tok.encode(t)]), record=Record(router=True))[1] for t in items]
+    for unit in ("text", "token"):
+        folder = R.repetition_intervals(tmp_path / "out", n_boot=200, unit=unit, seed=3)
+        direct = R.repetition_intervals(traces, n_boot=200, unit=unit, seed=3)
+        pd.testing.assert_frame_equal(folder, direct, check_dtype=False, rtol=1e-6)
+        assert folder["same_top1_lo"].notna().all()
+
+
+def test_repetition_bars_whiskers_and_dashboard_view():
+    r = sticky(n_texts=24, L=3)
+    rep = R.repetition_intervals(r, n_boot=100)
+    fig = figures.repetition_bars(rep)
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert len(bars) == 3 and all(b.error_y.array is not None and len(b.error_y.array) == 3 for b in bars)
+    same = bars[0]
+    assert np.allclose(np.asarray(same.y) + np.asarray(same.error_y.array), rep["same_top1_hi"])
+    assert np.allclose(np.asarray(same.y) - np.asarray(same.error_y.arrayminus), rep["same_top1_lo"])
+    hover = same.customdata[0][2]
+    assert "95% CI [" in hover and "bootstrap over 24 texts" in hover and "n = " in same.hovertemplate
+    assert "whiskers: 95% bootstrap interval" in fig.layout.title.text
+    plain = figures.repetition_bars(analysis.routing_repetition(r))             # the plain table still draws
+    assert all(t.error_y.array is None for t in plain.data if t.type == "bar") and "whiskers" not in \
+        plain.layout.title.text and "n = " in plain.data[0].hovertemplate
+
+    dash = ExpertUsageDashboard(r.to_frame(), n_boot=100)
+    dash.view.value = "repetition"
+    assert dash.last_error is None, dash.error.value
+    table = dash.export_table()
+    assert {"n_pairs", "n_units", "same_top1_lo", "jaccard_hi"} <= set(table.columns)
+    pd.testing.assert_frame_equal(table, R.repetition_intervals(r.to_frame(), n_boot=100, unit="text"))
+    assert dash.pane.figure.data[0].error_y.array is not None
+    assert "95% bootstrap interval" in dash.note.value and "of the 24 texts" in dash.note.value
+    assert f"{24 * 9:,} consecutive token pairs" in dash.note.value
+    few = ExpertUsageDashboard(sticky(n_texts=3, L=1).to_frame(), n_boot=50)
+    few.view.value = "repetition"
+    assert few.export_table().attrs["bootstrap"] == "token" and "27 token pairs" in few.note.value
+    off = ExpertUsageDashboard(r.to_frame(), intervals=False)
+    off.view.value = "repetition"
+    assert "n_pairs" not in off.export_table().columns and off.note.value == ""
+    assert off.pane.figure.data[0].error_y.array is None

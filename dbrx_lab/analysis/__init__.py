@@ -22,7 +22,7 @@ from .compare import CompareStep, GenerationComparison, compare_generations, rou
 from .routing import (Routing, coactivation, coactivation_intervals, confidence_summary, expert_load,
                       fragile_tokens, iter_routing, layer_transitions, load_intervals, load_routing,
                       repetition_baselines, router_confidence, routing_frame, routing_repetition,
-                      specialization_intervals)
+                      repetition_intervals, specialization_intervals)
 from .paths import (PathClusters, cluster_paths, path_counts, path_purity, purity, routing_paths, token_class,
                     token_classes)
 from .specialization import domain_specialization, top_tokens_per_expert, vocab_specialization
@@ -31,7 +31,7 @@ __all__ = [
     "Routing", "iter_routing", "routing_frame", "load_routing",
     "expert_load", "router_confidence", "confidence_summary", "fragile_tokens", "routing_repetition",
     "repetition_baselines", "coactivation", "layer_transitions",
-    "load_intervals", "coactivation_intervals", "specialization_intervals",
+    "load_intervals", "coactivation_intervals", "specialization_intervals", "repetition_intervals",
     "domain_specialization", "vocab_specialization", "top_tokens_per_expert",
     "LogitAttribution", "logit_attribution",
     "DropTopExperts", "LossEvaluator", "ablation_sweep", "drop_top_curve", "top_k_curve",

@@ -25,7 +25,8 @@ __all__ = ["Routing", "iter_routing", "routing_frame", "load_routing", "expert_l
            "LoadCounts", "ConfidenceStats", "FragileTokens", "RepetitionCounts", "CoactivationCounts",
            "TransitionCounts", "Accumulator", "repetition_baselines", "set_overlap", "load_intervals",
            "coactivation_intervals", "specialization_intervals", "poisson_weights", "LoadIntervals",
-           "CoactivationIntervals", "SpecializationIntervals", "DEFAULT_MIN_COUNT"]
+           "CoactivationIntervals", "SpecializationIntervals", "DEFAULT_MIN_COUNT", "repetition_intervals",
+           "RepetitionIntervals"]
 
 # per-(token, layer) columns of the wide routing table besides expert_i / weight_i
 CONFIDENCE_COLUMNS = ("entropy", "margin", "topk_mass", "runner_up")
@@ -910,3 +911,66 @@ def specialization_intervals(source, by: str = "label", labels: Sequence | None 
     with the evidence: rank by it, or by lift_lo, to break such ties.
     """
     return SpecializationIntervals(by, n_boot, level, unit, seed, min_count).collect(source, labels).result()
+
+
+REPETITION_METRICS = ("same_top1", "overlap", "shared", "jaccard")
+
+
+class RepetitionIntervals(Accumulator):
+    """`RepetitionCounts` plus bootstrap replicates of each layer's pair sums (a pair's unit: its first token's)."""
+
+    def __init__(self, n_boot: int = 1000, level: float = 0.95, unit: str = "text", seed: int = 0) -> None:
+        _check_bootstrap(n_boot, level, unit, seed)
+        self.level = level
+        self.point = RepetitionCounts()
+        self.boot = _Replicates(n_boot, seed, unit)
+        self.reps, self.units = 0, 0
+
+    def update(self, r: Routing) -> None:
+        self.point.update(r)
+        i, j = r.consecutive()
+        a, b = r.experts[:, i], r.experts[:, j]                                          # [L, P, k]
+        L, P = a.shape[:2]
+        shared, union = set_overlap(a, b)                                                # [L, P]
+        per_pair = np.stack([a[..., 0] == b[..., 0], shared > 0, shared,
+                             _ratio(shared, union)]).astype(np.float64)                 # [4, L, P]
+        per_pair = np.nan_to_num(per_pair)        # jaccard of two empty sets (no expert chosen at either): 0
+        feature = np.arange(4 * L).repeat(P)                                             # metric * L + layer
+        token = np.tile(np.arange(P), 4 * L)
+        value = per_pair.reshape(-1)
+        keep = value != 0
+        token = np.concatenate([token[keep], np.arange(P)])
+        feature = np.concatenate([feature[keep], np.full(P, 4 * L)])                     # pairs in the last column
+        value = np.concatenate([value[keep], np.ones(P)])
+        sums, units = self.boot.sums(self.boot.unit_keys(r, i), token, feature, 4 * L + 1, value)
+        self.reps, self.units = self.reps + sums, self.units + units                     # chunks hold whole texts
+
+    def result(self) -> pd.DataFrame:
+        df = self.point.result()
+        L = len(df)
+        reps = np.broadcast_to(np.asarray(self.reps, dtype=np.float64), (self.boot.n_boot, 4 * L + 1))
+        df["n_pairs"] = df["pairs"]
+        df["n_units"] = self.units
+        for m, name in enumerate(REPETITION_METRICS):
+            lo, hi = _interval(_ratio(reps[:, m * L:(m + 1) * L], reps[:, 4 * L:]), self.level)
+            if self.units < 2:
+                lo[:], hi[:] = np.nan, np.nan
+            df[f"{name}_lo"], df[f"{name}_hi"] = lo, hi
+        df.attrs.update(bootstrap=self.boot.unit, n_boot=self.boot.n_boot, level=self.level, seed=self.boot.seed)
+        return df
+
+
+def repetition_intervals(source, n_boot: int = 1000, level: float = 0.95, unit: str = "text",
+                         seed: int = 0) -> pd.DataFrame:
+    """`routing_repetition` with n and uncertainty: the same rows and columns (point estimates and baselines
+    unchanged) plus n_pairs (consecutive token pairs behind each layer's numbers), n_units (texts, or pairs,
+    resampled) and `level` bootstrap percentile intervals same_top1_lo/_hi, overlap_lo/_hi, shared_lo/_hi,
+    jaccard_lo/_hi.
+
+    unit "text" resamples whole texts (the default: a text's pairs are not independent) or "token" (each pair,
+    named by its first token, is a unit: use it for fewer than ~10 texts, where a bootstrap over texts says
+    little); with fewer than 2 units the intervals are NaN. Poisson bootstrap, deterministic in `seed` and
+    independent of chunking (see `poisson_weights`), so a route-stats folder and the same traces agree;
+    attrs record bootstrap, n_boot, level and seed.
+    """
+    return RepetitionIntervals(n_boot, level, unit, seed).collect(source).result()

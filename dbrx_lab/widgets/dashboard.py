@@ -46,7 +46,7 @@ class ExpertUsageDashboard(LabWidget):
     `pane.figure`; `export_table()` is the current view's table (with intervals when computed).
 
     intervals: add n and bootstrap intervals (`analysis.routing.*_intervals`, kept in `stats`) to usage,
-    co-activation and specialization: True, False, or None = when the source has at most
+    co-activation, repetition and specialization: True, False, or None = when the source has at most
     INTERVAL_TOKEN_LIMIT tokens (one more pass over a route-stats folder's parts). Texts are resampled when
     there are at least MIN_TEXTS_FOR_TEXT_BOOTSTRAP, tokens otherwise. n_boot, seed: the bootstrap's;
     min_count: rows on fewer tokens are flagged low_count (grey / hatched; the "min tokens" box).
@@ -140,7 +140,7 @@ class ExpertUsageDashboard(LabWidget):
     def stats_table(self, view: str) -> pd.DataFrame | None:
         """The view's table with n and bootstrap intervals (`analysis.routing.*_intervals`, cached), or None
         for a view without one or with intervals off."""
-        if not self.intervals or view not in ("usage", "coactivation", "specialization"):
+        if not self.intervals or view not in ("usage", "coactivation", "repetition", "specialization"):
             return None
         if view not in self.stats:
             common = dict(n_boot=self.n_boot, seed=self.seed, unit=self.unit)
@@ -148,6 +148,8 @@ class ExpertUsageDashboard(LabWidget):
                 self.stats[view] = routing_stats.load_intervals(self.source, labels=self.labels, **common)
             elif view == "coactivation":
                 self.stats[view] = routing_stats.coactivation_intervals(self.source, **common)
+            elif view == "repetition":
+                self.stats[view] = routing_stats.repetition_intervals(self.source, **common)
             else:
                 self.stats[view] = routing_stats.specialization_intervals(self.source, by=self.by,
                                                                           labels=self.labels, **common)
@@ -239,6 +241,8 @@ class ExpertUsageDashboard(LabWidget):
                 self.note.value = f'<div class="dbrx-card">{COACTIVATION_NOTE}</div>'
         elif view == "repetition":
             fig = figures.repetition_bars(table)
+            if "n_pairs" in table.columns:
+                self.note.value = f'<div class="dbrx-card">{self._repetition_note(table)}</div>'
         elif view == "specialization":
             fig = figures.specialization_bars(table, layer=layer, value=value)
             if "log_odds" in table.columns:
@@ -248,6 +252,17 @@ class ExpertUsageDashboard(LabWidget):
             fig = figures.routing_sankey(table, layers=self._flow_layers(), min_share=self.min_share.value,
                                          label_share=0.03)
         self.pane.show(fig)
+
+    @staticmethod
+    def _repetition_note(rep: pd.DataFrame) -> str:
+        """What the repetition view's numbers rest on and what its whiskers are."""
+        unit = rep.attrs.get("bootstrap", "text")
+        units = "token pairs" if unit == "token" else "texts"
+        return (f"<b>Reading repetition.</b> Each bar is the share of the {int(rep['n_pairs'].iloc[0]):,} "
+                f"consecutive token pairs (t, t+1 of the same text) per layer; dashed: the same metric for two "
+                f"independent random top-k choices. Whiskers: {rep.attrs.get('level', 0.95):.0%} bootstrap "
+                f"interval ({rep.attrs.get('n_boot')} resamples of the {int(rep['n_units'].iloc[0]):,} {units}, "
+                f"seed {rep.attrs.get('seed')}). Hover for n and the interval.")
 
     def _top_rows(self, spec: pd.DataFrame, layer: int, n: int = 8) -> str:
         """HTML table: the layer's n most specialised (domain, expert) rows by log_odds, with n and intervals."""
