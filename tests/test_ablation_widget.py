@@ -83,7 +83,7 @@ def test_sweep_paints_the_loss_change_of_each_expert_ablated_alone(model):
     b = lab.cells[(1, worst)]
     assert heat(b) == ["dbrx-up-9"] and b.description.startswith("+")
     assert f"Δ loss {ref.loc[1, worst]:+.4f}" in b.tooltip
-    assert lab.cells[(0, 3)].description == "·"                          # not measured
+    assert lab.cells[(0, 3)].description == "·" and heat(lab.cells[(0, 3)]) == []     # not measured
     assert "Δ loss (nats/token) on" in lab.grid_note.value and "cells measured" in lab.grid_note.value
     assert "sweep (zero) done" in lab.status.value
     # switching the view back shows usage; no ablation is left attached

@@ -353,7 +353,9 @@ class AblationLab(LabWidget):
                        f"ablated alone ({self.sweep_table.attrs.get('mode')}): Δ loss {delta:+.4f} nats/token")
         tip.append("click: ablate it in this layer")
         if view == "effect" and delta is not None:
-            level = 0 if not np.isfinite(delta) or top <= 0 else round((HEAT_LEVELS - 1) * min(1, abs(delta) / top))
+            if not np.isfinite(delta):                                   # not measured (yet): no colour
+                return "·", "", " · ".join(tip)
+            level = 0 if top <= 0 else round((HEAT_LEVELS - 1) * min(1, abs(delta) / top))
             return _delta_label(delta), f"dbrx-{'up' if delta >= 0 else 'down'}-{level}", " · ".join(tip)
         if view == "usage" and share is not None:
             level = 0 if top <= 0 else round((HEAT_LEVELS - 1) * min(1, share / top))
