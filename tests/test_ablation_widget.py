@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import torch
 
-import dbrx_lab
 from dbrx_lab import Record, analysis, load_model
 from dbrx_lab.widgets import AblationLab
 
@@ -97,7 +96,8 @@ def test_sweep_paints_the_loss_change_of_each_expert_ablated_alone(model):
     assert lab.export_figure().layout.title.text.startswith("Generation diff")
     lab.grid_view.value = "effect"
     table = lab.export_table()
-    assert list(table.columns) == ["layer", "expert", "share", "delta_loss"] and len(table) == model.config.n_layers * 16
+    assert list(table.columns) == ["layer", "expert", "share", "delta_loss"]
+    assert len(table) == model.config.n_layers * 16
     np.testing.assert_allclose(table.query("layer == 1")["delta_loss"], ref.loc[1].to_numpy(float), atol=2e-5)
     assert "reroute" not in lab.export_figure().layout.title.text and "zero" in lab.export_figure().layout.title.text
 
