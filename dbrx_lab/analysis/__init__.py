@@ -18,7 +18,7 @@ from .causal import attribution_patching, expert_coalition, expert_patching, pat
 from .contrastive import SteeringEffect, contrastive_experts, steering_effect
 from .counterfactual import CounterfactualRouting, counterfactual_routing
 from .cards import ExpertCard, ExpertCards, expert_cards
-from .compare import CompareStep, GenerationComparison, compare_generations, routing_cascade
+from .compare import CompareStep, GenerationComparison, align_tokens, compare_generations, routing_cascade
 from .routing import (Routing, coactivation, coactivation_intervals, confidence_summary, expert_load,
                       fragile_tokens, iter_routing, layer_transitions, load_intervals, load_routing,
                       repetition_baselines, router_confidence, routing_frame, routing_repetition,
@@ -35,7 +35,7 @@ __all__ = [
     "domain_specialization", "vocab_specialization", "top_tokens_per_expert",
     "LogitAttribution", "logit_attribution",
     "DropTopExperts", "LossEvaluator", "ablation_sweep", "drop_top_curve", "top_k_curve",
-    "CompareStep", "GenerationComparison", "compare_generations", "routing_cascade",
+    "CompareStep", "GenerationComparison", "align_tokens", "compare_generations", "routing_cascade",
     "ExpertCard", "ExpertCards", "expert_cards",
     "routing_paths", "path_counts", "cluster_paths", "PathClusters", "purity", "path_purity", "token_class",
     "token_classes",
