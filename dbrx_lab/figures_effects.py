@@ -258,7 +258,8 @@ def ablation_comparison(sweeps: Mapping[str, pd.DataFrame], difference: bool = F
         panels.append((label, name, s.to_numpy(float)))
     if difference:
         (a, sa), (b, sb) = items
-        panels.append((f"{plotly_text(b)} − {plotly_text(a)}", f"{b} − {a}", sb.to_numpy(float) - sa.to_numpy(float)))
+        panels.append((f"{plotly_text(b)} − {plotly_text(a)}", f"{b} − {a}",
+                       sb.to_numpy(float) - sa.to_numpy(float)))
     zs = np.stack([p[2] for p in panels])
     lim = float(np.nanmax(np.abs(zs))) if np.isfinite(zs).any() and np.nanmax(np.abs(zs)) > 0 else 1.0
     layers, experts = list(first.index), list(first.columns)

@@ -46,7 +46,8 @@ def test_logit_lens_heatmap_puts_each_cell_in_place():
             assert heat.text[i][p] == f"L{layer}P{p}"
             assert f"t{p + 1}" in heat.hovertext[i][p] and f"rank {10 ** p}" in heat.hovertext[i][p]
     assert list(fig.layout.yaxis.ticktext) == ["embed", "0", "1"]
-    assert list(fig.layout.xaxis.tickvals) == [0, 1, 2, 3] and list(fig.layout.xaxis.ticktext) == ["t0", "t1", "t2", "t3"]
+    assert list(fig.layout.xaxis.tickvals) == [0, 1, 2, 3]
+    assert list(fig.layout.xaxis.ticktext) == ["t0", "t1", "t2", "t3"]
     assert (heat.zmin, heat.zmax) == (0.0, 1.0)
 
 
@@ -154,7 +155,8 @@ def test_ablation_comparison_panels_share_one_symmetric_scale(sweeps):
     np.testing.assert_allclose(np.asarray(fig.data[1].z, dtype=float), b)
     np.testing.assert_allclose(np.asarray(fig.data[2].z, dtype=float), b - a)
     lim = max(np.abs(a).max(), np.abs(b).max(), np.abs(b - a).max())
-    assert lim > 0 and fig.layout.coloraxis.cmax == pytest.approx(lim) and fig.layout.coloraxis.cmin == pytest.approx(-lim)
+    assert lim > 0 and fig.layout.coloraxis.cmax == pytest.approx(lim)
+    assert fig.layout.coloraxis.cmin == pytest.approx(-lim)
     assert all(t.coloraxis == "coloraxis" for t in fig.data)
     assert list(fig.data[0].x) == [0, 3, 5] and list(fig.data[0].y) == [0, 1]
     assert f"{sweeps['a'].attrs['baseline_loss']:.3f}" in fig.layout.annotations[0].text
