@@ -377,13 +377,14 @@ def routing_map(trace, batch: int = 0, layers: Sequence[int] | None = None, span
     width = _width(160 + 24 * shown)
     if cell_text is None:                   # the plot area is the figure less ~130 px of margins and labels
         cell_text = ((width or FIT_WIDTH_GUESS) - 130) / shown >= CELL_TEXT_MIN_PX
-    text = dict(text=top1.astype(int).astype(str), texttemplate="%{text}",
+    # text as lists of str: a numpy string array reaches a FigureWidget as a binary buffer and blanks the figure
+    text = dict(text=[[str(int(e)) for e in row] for row in top1], texttemplate="%{text}",
                 textfont=dict(family=MONO)) if cell_text else {}        # font size: plotly fits it to the cell
     fig = go.Figure(go.Heatmap(
         z=top1, x=pos, y=layers, zmin=-0.5, zmax=E - 0.5, colorscale=_expert_colorscale(E),
         hovertext=[hover[l] for l in layers], hoverinfo="text", xgap=1, ygap=1, **text,
         # the colorbar's title text must be "" (not unset, not text): any title on a horizontal colorbar makes
-        # plotly.js 4.1 draw the axis titles over their tick labels; the annotation below names the scale instead
+        # plotly.js 3.8 draw the axis titles over their tick labels; the annotation below names the scale instead
         colorbar=dict(title=dict(text=""), tickmode="array", tickvals=list(range(E)), ticktext=[str(e) for e in range(E)],
                       orientation="h", x=1.0, xanchor="right", y=1.01, yanchor="bottom", thickness=12,
                       lenmode="pixels", len=min(26 * E, 640), outlinewidth=0)))
@@ -404,12 +405,13 @@ def routing_map(trace, batch: int = 0, layers: Sequence[int] | None = None, span
                      automargin=True, tickmode="array" if len(layers) <= 48 else "auto", tickvals=layers)
     if generated and trace.prompt_length > pos.min():
         fig.add_vline(x=trace.prompt_length - 0.5, line=dict(color="#222", dash="dot", width=2))
-    _finish(fig, "Token routing map: top-1 expert per layer and position",
+    # the row and span on a second, smaller line (not layout.title.subtitle: a FigureWidget then draws nothing)
+    sub = f"batch row {batch}{_span_note(trace, batch, pos)} · hover a cell for its top-k experts"
+    _finish(fig, f'Token routing map: top-1 expert per layer and position<br><span style="font-size:12px;'
+                 f'color:#555">{sub}</span>',
             height=max(340, 200 + 22 * len(layers)) + (70 if windowed else 0), width=width,
             margin=dict(l=70, r=30, t=120, b=60))
-    fig.update_layout(title=dict(y=1, yref="container", yanchor="top", pad=dict(t=12),   # the colorbar sits below
-                                 subtitle_text=f"batch row {batch}{_span_note(trace, batch, pos)} · hover a cell for "
-                                               f"its top-k experts"))
+    fig.update_layout(title=dict(y=1, yref="container", yanchor="top", pad=dict(t=12)))   # the colorbar sits below
     return fig
 
 

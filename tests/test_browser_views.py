@@ -10,6 +10,7 @@ depends on the demo's trained numbers, only on the structure of what is shown.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import dataclasses
@@ -76,6 +77,16 @@ def press_on(page, selector: str, key: str, times: int = 1) -> None:
     for _ in range(times):
         handle.press(key)
         page.wait_for_timeout(150)
+
+
+@contextlib.contextmanager
+def shot_on_failure(page, name: str):
+    """A screenshot of the page when the block fails (what the widget showed at that moment)."""
+    try:
+        yield
+    except BaseException:
+        shot(page, f"{name}_failure")
+        raise
 
 
 def no_widget_error(box) -> None:
@@ -167,6 +178,11 @@ explorer"""
 
 
 def test_routing_explorer_every_control(page, lab):
+    with shot_on_failure(page, "views_routing"):
+        _routing_explorer_every_control(page, lab)
+
+
+def _routing_explorer_every_control(page, lab) -> None:
     nb = write_notebook(lab, "views_routing.ipynb", ROUTING_NB)
     open_and_run(page, lab, nb)
     assert_no_cell_errors(page, nb)
@@ -239,6 +255,11 @@ explorer"""
 
 
 def test_attention_explorer_every_control(page, lab):
+    with shot_on_failure(page, "views_attention"):
+        _attention_explorer_every_control(page, lab)
+
+
+def _attention_explorer_every_control(page, lab) -> None:
     nb = write_notebook(lab, "views_attention.ipynb", ATTENTION_NB)
     open_and_run(page, lab, nb)
     assert_no_cell_errors(page, nb)

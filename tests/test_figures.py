@@ -462,7 +462,7 @@ def test_routing_map_span_crops_positions_and_hover(trace):
     hm = fig.data[0]
     assert list(hm.x) == [2, 3, 4]
     np.testing.assert_array_equal(np.asarray(hm.z), trace.topk_experts[:, 0, 2:5, 0].numpy())
-    assert "position 3" in hm.hovertext[0][1] and "positions 2–4 of 6" in fig.layout.title.subtitle.text
+    assert "position 3" in hm.hovertext[0][1] and "positions 2–4 of 6" in fig.layout.title.text
     assert list(figures.routing_map(trace, span=slice(-2, None)).data[0].x) == [4, 5]
     assert list(figures.routing_map(trace, batch=1, span=(0, 3)).data[0].x) == [2]     # padding never drawn
     for bad, msg in [((4, 2), r"0 <= start < stop <= 6"), ((0, 7), r"<= 6"), (slice(0, 4, 2), "step"),
@@ -500,7 +500,7 @@ def test_routing_map_cells_show_the_expert_number_where_it_fits(trace):
 
 
 def test_routing_map_axis_titles_stand_off_their_labels(trace):
-    """Issue #22 item 6: titles never overlap tick labels. plotly.js 4.1 places an axis title over the labels
+    """Issue #22 item 6: titles never overlap tick labels. plotly.js 3.8 places an axis title over the labels
     whenever a horizontal colorbar has any title (even unset), so the colorbar's title must be exactly ""
     (the browser test measures the rendered boxes)."""
     for fig in (figures.routing_map(trace), figures.routing_map(_long_trace(CHAT))):
