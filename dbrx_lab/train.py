@@ -209,6 +209,7 @@ class TrainConfig:
     min_count: int = 3              # ids seen fewer times in training share the lm_head "rest" row
     amp: bool = False
     router_temperature: float = 1.0  # training-time router weight = stored / T (folded into the export)
+    router_scale: float = 1.0        # router weights multiplied by this before training (initial or loaded)
     router_margin_weight: float = 0.0  # weight of router_margin_loss (0: DBRX's own recipe)
     init_from: str | None = None     # a DBRX folder of the same shape to start from (e.g. an earlier demo)
 
@@ -230,13 +231,24 @@ class _Scaled(torch.nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * self.scale
 
+    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        return w / self.scale                    # registering keeps the router's current weight (and function)
 
-def set_router_temperature(model: DbrxLM, temperature: float) -> None:
-    """Train the routers at `temperature` (< 1: sharper and faster-moving router logits); 1.0 leaves them plain."""
+
+def set_router_temperature(model: DbrxLM, temperature: float, scale: float = 1.0) -> None:
+    """Train the routers at `temperature`: their weight becomes a stored parameter / T, so AdamW moves the router
+    logits 1/T times faster (< 1: faster-moving routers); the model's current function is kept. `scale` first
+    multiplies the router weights (e.g. > 1 sharpens a loaded model's routing at the start). 1.0, 1.0: plain."""
     from torch.nn.utils import parametrize
 
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"router temperature must be a finite number > 0, got {temperature}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"router scale must be a finite number > 0, got {scale}")
+    if scale != 1.0:
+        with torch.no_grad():
+            for block in model.transformer.blocks:
+                block.ffn.router.layer.weight.mul_(scale)
     if temperature != 1.0:
         for block in model.transformer.blocks:
             parametrize.register_parametrization(block.ffn.router.layer, "weight", _Scaled(1.0 / temperature))
@@ -399,7 +411,7 @@ def train(out: str | Path, tcfg: TrainConfig, model_cfg: DbrxConfig, corpus, res
     model = DbrxLM(dataclasses.replace(model_cfg, vocab_size=shortlist.size)).float()
     if tcfg.init_from:
         init_from_folder(model, shortlist, tcfg.init_from)
-    set_router_temperature(model, tcfg.router_temperature)
+    set_router_temperature(model, tcfg.router_temperature, tcfg.router_scale)
     model.train()
     opt = make_optimizer(model, tcfg)
     start, elapsed = 0, 0.0
@@ -488,6 +500,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router-temperature", type=float, default=TrainConfig.router_temperature,
                         help="train the routers' logits at this temperature, folded into the saved weights "
                              "(< 1: more decisive routing; default %(default)s)")
+    parser.add_argument("--router-scale", type=float, default=TrainConfig.router_scale,
+                        help="multiply the router weights by this before training, e.g. to sharpen the routing "
+                             "of an --init-from model (default %(default)s)")
     parser.add_argument("--router-margin-weight", type=float, default=TrainConfig.router_margin_weight,
                         help="weight of the router margin loss, softplus(l_(k+1) - l_(k)) on the router logits "
                              "(not in DBRX's recipe; default %(default)s)")
@@ -527,7 +542,7 @@ def run(args: argparse.Namespace) -> int:
     tcfg = TrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len,
                        amp=args.amp, warmup_steps=min(TrainConfig.warmup_steps, max(1, args.steps // 10)),
                        lr=args.lr, router_temperature=args.router_temperature,
-                       router_margin_weight=args.router_margin_weight,
+                       router_margin_weight=args.router_margin_weight, router_scale=args.router_scale,
                        init_from=None if args.init_from is None else str(args.init_from))
     cap = args.max_tokens
     corpus = build_corpus({"prose": cap, "code": cap} if cap else None)
@@ -773,8 +788,11 @@ def _fmt_row(cells) -> str:
 
 
 def write_model_card(folder: str | Path, corpus=None, tcfg: TrainConfig | None = None, notes: str = "",
-                     n_windows: int = 32) -> dict:
+                     n_windows: int = 32, previous: str | Path | None = None) -> dict:
     """Evaluate the exported model in `folder`; write MODEL_CARD.md, loss_curve.png and evaluation.json.
+
+    `previous`: an earlier model folder of the same shape (e.g. the one this run was initialised from), measured
+    on the same windows and texts for a before/after section.
 
     Needs folder/config.json + model.safetensors, folder/training_log.jsonl and folder/corpus.json (written
     by `train-demo`). `corpus` is rebuilt from corpus.json's caps when not given. Returns the evaluation dict.
@@ -801,13 +819,22 @@ def write_model_card(folder: str | Path, corpus=None, tcfg: TrainConfig | None =
     val_ce = {d: float(np.mean([text_cross_entropy(model, w) for w in windows[d]])) for d in windows}
     eval_ce = eval_text_losses(model)
     routing = routing_report(model, {d: w[:, :-1] for d, w in windows.items()}, init_model)
+    before = None
+    if previous is not None:
+        prev = load_model(previous, dtype=torch.float32)
+        prev_routing = routing_report(prev, {d: w[:, :-1] for d, w in windows.items()}, init_model)
+        before = {"folder": str(previous), "eval_text_ce": eval_text_losses(prev),
+                  "val_ce": {d: float(np.mean([text_cross_entropy(prev, w) for w in windows[d]])) for d in windows},
+                  **{k: prev_routing[k] for k in ("js_code_prose_bits_trained", "decisiveness_trained",
+                                                  "experts_used", "max_share_x_uniform")}}
     plot_loss_curve(log, folder / "loss_curve.png", cfg.vocab_size)
 
     last = log[-1]
     size = (folder / "model.safetensors").stat().st_size
     evaluation = {"eval_text_ce": eval_ce, "val_ce": val_ce, "val_windows": {d: list(w.shape) for d, w in windows.items()},
                   "tokens_seen": last["tokens"], "steps": last["step"] + 1, "train_time_s": last["elapsed_s"],
-                  "safetensors_bytes": size, "n_params": cfg.n_params, **routing}
+                  "safetensors_bytes": size, "n_params": cfg.n_params, **routing,
+                  **({"previous": before} if before else {})}
     (folder / "evaluation.json").write_text(json.dumps(evaluation, indent=1) + "\n")
 
     L, E = cfg.n_layers, cfg.moe_num_experts
@@ -851,8 +878,10 @@ def write_model_card(folder: str | Path, corpus=None, tcfg: TrainConfig | None =
              f"on each token's sorted router logits (not in DBRX's recipe; `dbrx_lab.train.router_margin_loss`)"
              if tcfg.router_margin_weight else "")
           + f"; router jitter eps {cfg.moe_jitter_eps}."
-          + (f" Routers trained at temperature {tcfg.router_temperature:g} (logits = x W / T, with T folded into the "
-             f"saved router weights: the exported model is a plain DBRX)." if tcfg.router_temperature != 1 else ""),
+          + (f" Router weights multiplied by {tcfg.router_scale:g} before training." if tcfg.router_scale != 1 else "")
+          + (f" Routers trained at temperature {tcfg.router_temperature:g} (weight = stored parameter / T, so AdamW "
+             f"moves router logits 1/T times faster; T folded into the saved router weights: the exported model is "
+             f"a plain DBRX)." if tcfg.router_temperature != 1 else ""),
           *([f"- Initialised from `{tcfg.init_from}` (a saved model of the same shape), not at random."]
             if tcfg.init_from else []),
           f"- Compact vocabulary: the ids seen {tcfg.min_count}+ times in the training split get their own wte and "
@@ -927,6 +956,30 @@ def write_model_card(folder: str | Path, corpus=None, tcfg: TrainConfig | None =
                       *[f"e{f['expert'][l]}: {f['picked'][l]:.0%} vs {f['picked_overall'][l]:.0%}" for l in range(L)]])
             for c, f in routing["favourite_experts"].items()],
           "",
+          *(["## Against the previous model", "",
+             f"The model this run started from (`{Path(before['folder']).name}`), measured here on the same windows "
+             f"and texts. Decisiveness: per layer, as above; specialisation: JS(code, prose) in bits.", "",
+             _fmt_row(["measure", "previous", "this model"]), _fmt_row(["---"] * 3),
+             _fmt_row(["CE, unseen prose / code (nats/token)",
+                       f"{before['eval_text_ce']['prose']:.3f} / {before['eval_text_ce']['code']:.3f}",
+                       f"{eval_ce['prose']:.3f} / {eval_ce['code']:.3f}"]),
+             _fmt_row(["CE, held-out validation prose / code",
+                       f"{before['val_ce']['prose']:.3f} / {before['val_ce']['code']:.3f}",
+                       f"{val_ce['prose']:.3f} / {val_ce['code']:.3f}"]),
+             *[_fmt_row([label, " / ".join(f"{v:.3f}" for v in before["decisiveness_trained"][key]),
+                         " / ".join(f"{v:.3f}" for v in routing["decisiveness_trained"][key])])
+               for label, key in (("router entropy by layer (nats)", "router_entropy"),
+                                  ("top-1 probability by layer", "router_top1"),
+                                  ("margin p(k) - p(k+1) by layer", "router_margin"))],
+             _fmt_row(["JS(code, prose) by layer (bits)",
+                       " / ".join(f"{v:.4f}" for v in before["js_code_prose_bits_trained"]),
+                       " / ".join(f"{v:.4f}" for v in js_t)]),
+             _fmt_row(["experts used by layer", " / ".join(map(str, before["experts_used"])),
+                       " / ".join(map(str, routing["experts_used"]))]),
+             _fmt_row(["max share by layer (x uniform)",
+                       " / ".join(f"{v:.2f}" for v in before["max_share_x_uniform"]),
+                       " / ".join(f"{v:.2f}" for v in routing["max_share_x_uniform"])]),
+             ""] if before else []),
           "## Files",
           "",
           "config.json, generation_config.json, model.safetensors (weights); training_log.jsonl (per-step losses, "

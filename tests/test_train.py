@@ -255,6 +255,17 @@ def test_init_from_continues_from_a_saved_model(tmp_path):
     ids = torch.from_numpy(corpus.stream("prose", "val")[:32].astype(np.int64))[None]
     with torch.no_grad():
         torch.testing.assert_close(out(ids).logits, src(ids).logits, rtol=1e-5, atol=1e-5)
+    # a router temperature changes how fast the routers train, not the loaded function...
+    warm = train(tmp_path / "warm", tiny_recipe(steps=1, lr=1e-30, init_from=str(folder), weight_decay=0.0,
+                                                router_temperature=0.25), cfg, corpus, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(warm(ids).logits, src(ids).logits, rtol=1e-5, atol=1e-5)
+    # ...and --router-scale multiplies the loaded router weights (sharper routing from the first step)
+    sharp = train(tmp_path / "sharp", tiny_recipe(steps=1, lr=1e-30, init_from=str(folder), weight_decay=0.0,
+                                                  router_temperature=0.25, router_scale=4.0), cfg, corpus,
+                  progress=False)
+    for a, b in zip(sharp.transformer.blocks, src.transformer.blocks):
+        torch.testing.assert_close(a.ffn.router.layer.weight, 4 * b.ffn.router.layer.weight, rtol=1e-6, atol=0)
     other = dataclasses.replace(cfg, n_layers=cfg.n_layers + 1)
     with pytest.raises(ValueError, match="n_layers"):
         train(tmp_path / "bad", tiny_recipe(steps=1, init_from=str(folder)), other, corpus, progress=False)
