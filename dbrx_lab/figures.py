@@ -377,7 +377,7 @@ def routing_map(trace, batch: int = 0, layers: Sequence[int] | None = None, span
     width = _width(160 + 24 * shown)
     if cell_text is None:                   # the plot area is the figure less ~130 px of margins and labels
         cell_text = ((width or FIT_WIDTH_GUESS) - 130) / shown >= CELL_TEXT_MIN_PX
-    # text as lists of str: a numpy string array reaches a FigureWidget as a binary buffer and blanks the figure
+    # text as plain lists of str (JSON everywhere: static figures, the FigureWidget's messages)
     text = dict(text=[[str(int(e)) for e in row] for row in top1], texttemplate="%{text}",
                 textfont=dict(family=MONO)) if cell_text else {}        # font size: plotly fits it to the cell
     fig = go.Figure(go.Heatmap(
@@ -405,7 +405,7 @@ def routing_map(trace, batch: int = 0, layers: Sequence[int] | None = None, span
                      automargin=True, tickmode="array" if len(layers) <= 48 else "auto", tickvals=layers)
     if generated and trace.prompt_length > pos.min():
         fig.add_vline(x=trace.prompt_length - 0.5, line=dict(color="#222", dash="dot", width=2))
-    # the row and span on a second, smaller line (not layout.title.subtitle: a FigureWidget then draws nothing)
+    # the row and span on a second, smaller line of the title
     sub = f"batch row {batch}{_span_note(trace, batch, pos)} · hover a cell for its top-k experts"
     _finish(fig, f'Token routing map: top-1 expert per layer and position<br><span style="font-size:12px;'
                  f'color:#555">{sub}</span>',

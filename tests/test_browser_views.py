@@ -39,9 +39,14 @@ def write_notebook(lab, name: str, source: str) -> str:
     return name
 
 
+# the token path names position n (and not n followed by more digits)
+PATH_AT = "n => new RegExp('position ' + n + '(?!\\d)').test(document.querySelector('.dbrx-token-path')?.innerText || '')"
+
+
 def plot_js(name: str, expr: str) -> str:
     """A JS function reading `expr` (with `g` the plotly div of the widget's figure `name`)."""
-    return f"() => {{ const g = document.querySelector('.dbrx-fig-{name}.js-plotly-plot'); return g && ({expr}); }}"
+    return (f"() => {{ const g = document.querySelector('.dbrx-fig-{name}.js-plotly-plot'); "
+            f"try {{ return g && ({expr}); }} catch (e) {{ return false; }} }}")          # mid-redraw: not yet
 
 
 def option_values(box, selector: str) -> list[str]:
@@ -187,9 +192,8 @@ def _routing_explorer_every_control(page, lab) -> None:
     open_and_run(page, lab, nb)
     assert_no_cell_errors(page, nb)
     box = page.locator(".dbrx-lab").first
-    wait_js(page, plot_js("routing-map", "g.data && g.data.length && g.querySelector('.main-svg')"))
+    wait_js(page, plot_js("routing-map", "g.data && g.data.length && g.querySelector('.main-svg')"), timeout=120_000)
     n_shown = "g.data[0].x.length"
-    path = lambda: text_of(page, ".dbrx-token-path")                                       # noqa: E731
 
     # a chat opens on the user message and the reply: a few dozen positions of ~200, the last one selected
     mode = box.locator(".dbrx-span-mode select")
@@ -197,16 +201,16 @@ def _routing_explorer_every_control(page, lab) -> None:
     shown = page.evaluate(plot_js("routing-map", "g.data[0].x.map(Number)"))
     total = int(box.locator(".dbrx-status").inner_text().split()[0])                       # "N tokens · ..."
     assert len(shown) < 40 < total and shown == list(range(shown[0], shown[-1] + 1)) and shown[-1] == total - 1
-    assert f"position {shown[-1]}" in path()
+    assert page.evaluate(PATH_AT, shown[-1])
     shot(page, "views_routing_chat_span", box)
 
     # a click on the top-left cell selects the span's first token at layer 0
     click_plot(page, "routing-map")
-    wait_js(page, "t => document.querySelector('.dbrx-token-path').innerText.includes(t)", f"position {shown[0]} ")
+    wait_js(page, PATH_AT, shown[0])
 
     # the token dropdown
     box.locator(".dbrx-token select").select_option(index=3)
-    wait_js(page, "t => document.querySelector('.dbrx-token-path').innerText.includes(t)", f"position {shown[3]} ")
+    wait_js(page, PATH_AT, shown[3])
 
     # the layer slider (keyboard on its handle): the routed text and the path's current row follow
     press_on(page, ".dbrx-layer .noUi-handle", "ArrowRight")
@@ -223,7 +227,7 @@ def _routing_explorer_every_control(page, lab) -> None:
     mode.select_option("all tokens")
     wait_js(page, plot_js("routing-map", f"{n_shown} === {total}"))
     assert page.evaluate(plot_js("routing-map", "!!g.querySelector('.rangeslider-slidebox')"))
-    assert f"position {shown[3]} " in path()                                               # selection kept
+    assert page.evaluate(PATH_AT, shown[3])                                                # selection kept
     mode.select_option("custom range")
     rng = box.locator(".dbrx-span-range")
     rng.wait_for(state="visible", timeout=30_000)
@@ -242,7 +246,7 @@ def _routing_explorer_every_control(page, lab) -> None:
     box.locator(".dbrx-run").click()
     wait_js(page, plot_js("routing-map", f"{n_shown} === 2"))
     wait_js(page, "() => ![...document.querySelectorAll('.dbrx-span-mode option')].some(o => o.textContent.includes('user'))")
-    assert "position 1" in path()
+    assert page.evaluate(PATH_AT, 1)
     no_widget_error(box)
 
 
@@ -265,7 +269,7 @@ def _attention_explorer_every_control(page, lab) -> None:
     assert_no_cell_errors(page, nb)
     box = page.locator(".dbrx-lab").first
     for name in ("attention-head", "attention-grid"):
-        wait_js(page, plot_js(name, "g.data && g.data.length && g.querySelector('.main-svg')"))
+        wait_js(page, plot_js(name, "g.data && g.data.length && g.querySelector('.main-svg')"), timeout=120_000)
     row = lambda: text_of(page, ".dbrx-attention-row")                                     # noqa: E731
     row_has = "t => (document.querySelector('.dbrx-attention-row')?.innerText || '').includes(t)"
 
