@@ -6,6 +6,7 @@ and ignore padding. Every function's docstring states its definition and its ran
     from dbrx_lab import analysis
     analysis.expert_load(trace)                    # per layer and expert: share vs k/E, top-1 share vs 1/E
     analysis.routing_repetition(traces)            # P(same top-1 at t, t+1) vs 1/E, ...
+    analysis.logit_lens(model, "text")             # per layer and position: next token's prob / rank
     analysis.ablation_sweep(model, texts)          # layer x expert loss change
     analysis.compare_generations(model, "Once", ExpertAblation(1, [3], "reroute"))
     analysis.expert_cards("runs/demo-routing", model)   # one card per (layer, expert)
@@ -18,6 +19,7 @@ from .causal import attribution_patching, expert_coalition, expert_patching, pat
 from .contrastive import SteeringEffect, contrastive_experts, steering_effect
 from .counterfactual import CounterfactualRouting, counterfactual_routing
 from .cards import ExpertCard, ExpertCards, expert_cards
+from .lens import LogitLens, logit_lens
 from .compare import CompareStep, GenerationComparison, align_tokens, compare_generations, routing_cascade
 from .routing import (Routing, coactivation, coactivation_intervals, confidence_summary, expert_load,
                       fragile_tokens, iter_routing, layer_transitions, load_intervals, load_routing,
@@ -33,7 +35,7 @@ __all__ = [
     "repetition_baselines", "coactivation", "layer_transitions",
     "load_intervals", "coactivation_intervals", "specialization_intervals", "repetition_intervals",
     "domain_specialization", "vocab_specialization", "top_tokens_per_expert",
-    "LogitAttribution", "logit_attribution",
+    "LogitAttribution", "logit_attribution", "LogitLens", "logit_lens",
     "DropTopExperts", "LossEvaluator", "ablation_sweep", "drop_top_curve", "top_k_curve",
     "CompareStep", "GenerationComparison", "align_tokens", "compare_generations", "routing_cascade",
     "ExpertCard", "ExpertCards", "expert_cards",
