@@ -823,7 +823,7 @@ def write_model_card(folder: str | Path, corpus=None, tcfg: TrainConfig | None =
     if previous is not None:
         prev = load_model(previous, dtype=torch.float32)
         prev_routing = routing_report(prev, {d: w[:, :-1] for d, w in windows.items()}, init_model)
-        before = {"folder": str(previous), "eval_text_ce": eval_text_losses(prev),
+        before = {"folder": Path(previous).name, "eval_text_ce": eval_text_losses(prev),
                   "val_ce": {d: float(np.mean([text_cross_entropy(prev, w) for w in windows[d]])) for d in windows},
                   **{k: prev_routing[k] for k in ("js_code_prose_bits_trained", "decisiveness_trained",
                                                   "experts_used", "max_share_x_uniform")}}
@@ -957,8 +957,8 @@ def write_model_card(folder: str | Path, corpus=None, tcfg: TrainConfig | None =
             for c, f in routing["favourite_experts"].items()],
           "",
           *(["## Against the previous model", "",
-             f"The model this run started from (`{Path(before['folder']).name}`), measured here on the same windows "
-             f"and texts. Decisiveness: per layer, as above; specialisation: JS(code, prose) in bits.", "",
+             f"The previous model (`{before['folder']}`), measured here on the same windows and texts. "
+             f"Decisiveness: per layer, as above; specialisation: JS(code, prose) in bits.", "",
              _fmt_row(["measure", "previous", "this model"]), _fmt_row(["---"] * 3),
              _fmt_row(["CE, unseen prose / code (nats/token)",
                        f"{before['eval_text_ce']['prose']:.3f} / {before['eval_text_ce']['code']:.3f}",
@@ -984,9 +984,11 @@ def write_model_card(folder: str | Path, corpus=None, tcfg: TrainConfig | None =
           "",
           "config.json, generation_config.json, model.safetensors (weights); training_log.jsonl (per-step losses, "
           "lr, validation); corpus.json (sources and token counts); train_config.json (the recipe); "
-          "evaluation.json (every number above); loss_curve.png.",
+          "evaluation.json (every number above); loss_curve.png"
+          + "".join(f"; {f.name}" for f in sorted(folder.glob("stage*_*.json*"))) + ".",
           "",
-          "Regenerate: `dbrx-lab train-demo --out <folder>` (add `--resume` to continue an interrupted run).",
+          ("Regenerate: the stages in the note above, each a `dbrx-lab train-demo` command" if tcfg.init_from else
+           "Regenerate: `dbrx-lab train-demo --out <folder>`") + " (add `--resume` to continue an interrupted run).",
           ""]
     (folder / "MODEL_CARD.md").write_text("\n".join(md))
     return evaluation
