@@ -1026,7 +1026,7 @@ def routing_cascade(result) -> go.Figure:
     fig.add_vline(x=prompt_length - 0.5, line=dict(color="#222", dash="dot", width=2))
     fig.update_xaxes(title="position (right of the dotted line: generated)", showgrid=False)
     fig.update_yaxes(title="layer", autorange="reversed", showgrid=False)
-    return _finish(fig, "Routing cascade: how much each token's top-k changed under the intervention",
+    return _finish(fig, "Routing cascade: how much each token's top-k changed in the ablated run",
                    height=max(300, 120 + 26 * len(grid.index)), width=_width(160 + 16 * len(grid.columns)))
 
 
