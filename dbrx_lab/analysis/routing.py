@@ -847,6 +847,18 @@ def coactivation_intervals(source, n_boot: int = 1000, level: float = 0.95, unit
     return CoactivationIntervals(n_boot, level, unit, seed, min_count).collect(source).result()
 
 
+def specialization_from_load(load: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Add share_all (the expert's share over all groups' tokens), lift = share / share_all and
+    lift_uniform = share / (k/E) to a grouped `expert_load` table."""
+    totals = load.groupby(["layer", "expert"], sort=False)[["count", "tokens"]].sum()
+    share_all = (totals["count"] / totals["tokens"]).rename("share_all")
+    out = load.join(share_all, on=["layer", "expert"])
+    out["lift"] = out["share"] / out["share_all"]
+    out["lift_uniform"] = out["share"] / out["baseline_share"]
+    cols = [by, "layer", "expert", "tokens", "count", "share", "baseline_share", "lift_uniform", "share_all", "lift"]
+    return out[cols]
+
+
 class SpecializationIntervals(Accumulator):
     """Per group: bootstrap replicates of (count [L*E], tokens) for `specialization_intervals`."""
 
@@ -860,8 +872,6 @@ class SpecializationIntervals(Accumulator):
         self.load.update(r)
 
     def result(self) -> pd.DataFrame:
-        from .specialization import specialization_from_load
-
         load = self.load.result()
         spec = specialization_from_load(load, self.by)
         groups = [g for g, _ in sorted(self.load.point.counts.items(), key=lambda item: str(item[0]))]

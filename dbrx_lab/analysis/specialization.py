@@ -6,25 +6,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .routing import Accumulator, LoadCounts, Routing
+from .routing import Accumulator, LoadCounts, Routing, specialization_from_load
 
 __all__ = ["domain_specialization", "vocab_specialization", "top_tokens_per_expert", "VocabCounts",
            "specialization_from_load"]
 
 # by -> (per-token id column, per-token string column or None)
 TOKEN_KEYS = {"input": ("token_id", "token"), "next": ("next_id", None), "predicted": ("predicted_id", "predicted")}
-
-
-def specialization_from_load(load: pd.DataFrame, by: str) -> pd.DataFrame:
-    """Add share_all (the expert's share over all groups' tokens), lift = share / share_all and
-    lift_uniform = share / (k/E) to a grouped `expert_load` table."""
-    totals = load.groupby(["layer", "expert"], sort=False)[["count", "tokens"]].sum()
-    share_all = (totals["count"] / totals["tokens"]).rename("share_all")
-    out = load.join(share_all, on=["layer", "expert"])
-    out["lift"] = out["share"] / out["share_all"]
-    out["lift_uniform"] = out["share"] / out["baseline_share"]
-    cols = [by, "layer", "expert", "tokens", "count", "share", "baseline_share", "lift_uniform", "share_all", "lift"]
-    return out[cols]
 
 
 def domain_specialization(source, by: str = "label", labels: Sequence | None = None) -> pd.DataFrame:
