@@ -44,7 +44,8 @@ from safetensors.torch import load_file, save_file
 from .config import DbrxConfig
 from .lm import DbrxLM
 
-__all__ = ["load_balancing_loss", "router_z_loss", "TrainConfig", "DEMO_CONFIG", "VocabShortlist", "train",
+__all__ = ["load_balancing_loss", "router_z_loss", "router_margin_loss", "router_decisiveness", "router_logits_of",
+           "set_router_temperature", "fold_router_temperature", "init_from_folder", "TrainConfig", "DEMO_CONFIG", "VocabShortlist", "train",
            "export_demo", "write_model_card", "add_arguments", "run"]
 
 DEMO_CONFIG = DbrxConfig(d_model=64, n_heads=4, kv_n_heads=2, n_layers=4, ffn_hidden_size=160, max_seq_len=512,
@@ -498,8 +499,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "model) instead of a random initialisation")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate (default %(default)s)")
     parser.add_argument("--router-temperature", type=float, default=TrainConfig.router_temperature,
-                        help="train the routers' logits at this temperature, folded into the saved weights "
-                             "(< 1: more decisive routing; default %(default)s)")
+                        help="train the routers at this temperature: router weight = stored parameter / T, so "
+                             "AdamW moves router logits 1/T times faster (< 1); folded into the saved weights, and "
+                             "a loaded model's function is kept (default %(default)s)")
     parser.add_argument("--router-scale", type=float, default=TrainConfig.router_scale,
                         help="multiply the router weights by this before training, e.g. to sharpen the routing "
                              "of an --init-from model (default %(default)s)")
