@@ -107,6 +107,22 @@ def tiny_vocab_model() -> DbrxLM:
     return load_model("tiny-vocab")
 
 
+@pytest.fixture(scope="module")
+def text_model() -> DbrxLM:
+    """A 2-layer, 8-expert random model (std 0.3, seed 0) with DBRX's vocabulary and tokenizer: route-stats
+    and anything else that needs real text. One per test module."""
+    from dbrx_lab.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    cfg = DbrxConfig(d_model=16, n_heads=2, kv_n_heads=1, n_layers=2, ffn_hidden_size=16, max_seq_len=64,
+                     moe_num_experts=8, moe_top_k=2, torch_dtype="float32")
+    m = DbrxLM(cfg).eval()
+    m.reset_parameters(std=0.3)
+    m.requires_grad_(False)
+    m.tokenizer = load_tokenizer()
+    return m
+
+
 @pytest.fixture
 def make_ids():
     def make(B: int, T: int, seed: int = 0, vocab: int = 512) -> torch.Tensor:

@@ -326,23 +326,16 @@ def test_repetition_intervals_bad_settings_name_the_valid_range(kwargs, match):
         R.repetition_intervals(synthetic(n_texts=2), **kwargs)
 
 
-def test_repetition_intervals_of_a_route_stats_folder_match_the_same_traces(tmp_path):
+def test_repetition_intervals_of_a_route_stats_folder_match_the_same_traces(tmp_path, text_model):
     import json
 
     import torch
 
-    from dbrx_lab import DbrxConfig, DbrxLM
     from dbrx_lab.route_stats import route_stats
-    from dbrx_lab.tokenizer import load_tokenizer
     from dbrx_lab.trace import Record
 
-    torch.manual_seed(0)
-    cfg = DbrxConfig(d_model=16, n_heads=2, kv_n_heads=1, n_layers=2, ffn_hidden_size=16, max_seq_len=64,
-                     moe_num_experts=8, moe_top_k=2, torch_dtype="float32")
-    model = DbrxLM(cfg).eval()
-    model.reset_parameters(std=0.3)
-    model.requires_grad_(False)
-    model.tokenizer = tok = load_tokenizer()
+    model = text_model
+    tok = model.tokenizer
     words = "the cat sat on a mat while dogs ran in the park and birds sang over trees".split()
     rng = np.random.default_rng(0)
     items = [" ".join(rng.choice(words, size=rng.integers(3, 12))) for _ in range(12)]

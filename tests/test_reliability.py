@@ -31,16 +31,9 @@ WORDS = "the cat sat on a mat while dogs ran in the park".split()
 
 
 @pytest.fixture(scope="module")
-def vocab_model():
+def vocab_model(text_model):
     """A tiny model with DBRX's vocabulary and tokenizer (route-stats needs real text)."""
-    torch.manual_seed(0)
-    cfg = DbrxConfig(d_model=16, n_heads=2, kv_n_heads=1, n_layers=2, ffn_hidden_size=16, max_seq_len=64,
-                     moe_num_experts=8, moe_top_k=2, torch_dtype="float32")
-    m = DbrxLM(cfg).eval()
-    m.reset_parameters(std=0.3)
-    m.requires_grad_(False)
-    m.tokenizer = load_tokenizer()
-    return m
+    return text_model
 
 
 def jsonl(path: Path, n: int, seed: int = 0) -> Path:

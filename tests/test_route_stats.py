@@ -7,8 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dbrx_lab import DbrxConfig, DbrxLM, analysis, cli
-from dbrx_lab.tokenizer import load_tokenizer
+from dbrx_lab import analysis, cli
 from dbrx_lab.trace import Record
 
 rs = importlib.import_module("dbrx_lab.route_stats")   # the module (dbrx_lab.route_stats is the function)
@@ -16,15 +15,8 @@ WORDS = "the cat sat on a mat while dogs ran in the park and birds sang over tre
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    cfg = DbrxConfig(d_model=16, n_heads=2, kv_n_heads=1, n_layers=2, ffn_hidden_size=16, max_seq_len=64,
-                     moe_num_experts=8, moe_top_k=2, torch_dtype="float32")           # DBRX's vocabulary
-    m = DbrxLM(cfg).eval()
-    m.reset_parameters(std=0.3)
-    m.requires_grad_(False)
-    m.tokenizer = load_tokenizer()
-    return m
+def model(text_model):
+    return text_model                                          # conftest: DBRX's vocabulary, 8 experts
 
 
 def texts(n: int, seed: int = 0) -> list[str]:
